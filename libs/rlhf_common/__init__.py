@@ -1,0 +1,1 @@
+"""Shared building blocks of the RLHF services: config, bus, weights, metrics, algorithms."""

@@ -1,0 +1,1 @@
+"""Pure-torch RL algorithms: token log-probs, KL estimators, group advantages, losses."""

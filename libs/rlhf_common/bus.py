@@ -1,0 +1,202 @@
+"""Kafka bus on kafka-python: protobuf records, topic creation, dead letters, dedup.
+
+Delivery is at least once. Consumers assign partitions by hand (no group rebalance),
+read their committed offsets from their consumer group, and commit only after the
+caller says a record's effect is durable. A record that cannot be decoded is sent to
+the dead-letter topic with the reason, and consumption goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from rlhf.events.v1 import events_pb2
+
+from .config import BusConfig
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def ensure_topics(cfg: BusConfig, timeout_s: float = 30.0) -> None:
+    """Create every topic the system uses (idempotent); rlhf.weights is compacted."""
+    topics = Topics(cfg.topic_prefix)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id="rlhf-admin")
+            break
+        except Exception as e:  # broker not up yet
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"Kafka at {cfg.bootstrap!r} not reachable: {e}") from e
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        new = [
+            NewTopic(
+                name,
+                cfg.partitions,
+                1,
+                topic_configs={"cleanup.policy": "compact"} if name in topics.compacted() else {},
+            )
+            for name in topics.all()
+            if name not in existing
+        ]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+class Producer:
+    """Sends protobuf records; `send` returns once the broker has acknowledged."""
+
+    def __init__(self, cfg: BusConfig, client_id: str):
+        self._p = KafkaProducer(
+            bootstrap_servers=cfg.bootstrap,
+            client_id=client_id,
+            acks="all",
+            linger_ms=2,
+            retries=5,
+        )
+
+    def send(self, topic: str, key: str, record: Message, wait: bool = True) -> None:
+        fut = self._p.send(topic, key=key.encode(), value=record.SerializeToString())
+        if wait:
+            fut.get(timeout=30)
+
+    def flush(self) -> None:
+        self._p.flush()
+
+    def close(self) -> None:
+        self._p.close()
+
+
+@dataclass
+class Received(Generic[M]):
+    record: M
+    topic: str
+    partition: int
+    offset: int
+    key: str
+
+
+class Consumer(Generic[M]):
+    """Reads one topic into protobuf records of type `record_type`.
+
+    `id_of` gives each record's id; records whose id was seen recently are skipped
+    (idempotent handling under at-least-once delivery). Call `commit(received)` once
+    the record's effect is durable.
+    """
+
+    def __init__(
+        self,
+        cfg: BusConfig,
+        topic: str,
+        record_type: type[M],
+        group_id: str | None,
+        client_id: str,
+        id_of: Callable[[M], str] | None = None,
+        from_beginning: bool = True,
+        dedup_window: int = 100_000,
+    ):
+        self.topic = topic
+        self.record_type = record_type
+        self.client_id = client_id
+        self.id_of = id_of
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._dedup_window = dedup_window
+        self.duplicates = 0
+        self.dead_letters = 0
+        self._c = KafkaConsumer(
+            bootstrap_servers=cfg.bootstrap,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+        )
+        deadline = time.monotonic() + 30
+        parts = self._c.partitions_for_topic(topic)
+        while not parts:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"topic {topic!r} has no partitions on {cfg.bootstrap!r}")
+            time.sleep(0.2)
+            parts = self._c.partitions_for_topic(topic)
+        self.partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+        self._c.assign(self.partitions)
+        self._dlq = Producer(cfg, client_id=f"{client_id}-dlq")
+        self._dlq_topic = Topics(cfg.topic_prefix).dlq
+
+    def poll(self, timeout_ms: int = 200, max_records: int = 64) -> Iterator[Received[M]]:
+        batches = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        for tp, msgs in batches.items():
+            for m in msgs:
+                key = m.key.decode("utf-8", "replace") if m.key else ""
+                try:
+                    rec = self.record_type()
+                    rec.ParseFromString(m.value or b"")
+                    rid = self.id_of(rec) if self.id_of else None
+                    if self.id_of is not None and not rid:
+                        raise ValueError(f"{self.record_type.__name__} without an id")
+                except (DecodeError, ValueError, UnicodeDecodeError) as e:
+                    self._dead_letter(m, key, e)
+                    continue
+                if rid is not None:
+                    if rid in self._seen:
+                        self.duplicates += 1
+                        continue
+                    self._seen[rid] = None
+                    if len(self._seen) > self._dedup_window:
+                        self._seen.popitem(last=False)
+                yield Received(rec, tp.topic, tp.partition, m.offset, key)
+
+    def _dead_letter(self, m, key: str, err: Exception) -> None:
+        self.dead_letters += 1
+        log.warning("dead-lettering %s[%d]@%d: %s", m.topic, m.partition, m.offset, err)
+        dl = events_pb2.DeadLetter(
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            key=m.key or b"",
+            value=m.value or b"",
+            error=f"{type(err).__name__}: {err}",
+            consumer=self.client_id,
+            created_unix_ms=now_ms(),
+        )
+        self._dlq.send(self._dlq_topic, key, dl)
+
+    def commit(self, upto: list[Received[M]]) -> None:
+        """Commit the offsets after the given records (per partition, the highest + 1)."""
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in upto:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in offsets or offsets[tp].offset <= r.offset:
+                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        if offsets:
+            self._c.commit(offsets)
+
+    def committed(self) -> dict[int, int | None]:
+        return {tp.partition: self._c.committed(tp) for tp in self.partitions}
+
+    def close(self) -> None:
+        self._c.close()
+        self._dlq.close()

@@ -1,0 +1,218 @@
+"""Typed configuration: one dataclass per service, from env vars and command-line flags.
+
+Each field names its environment variable in its metadata. Precedence: flag > env var >
+default. Validation runs in ``__post_init__`` and raises ``ConfigError`` that shows the
+bad value and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, get_args, get_origin
+
+from . import envs
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default, env: str, help: str, **kw):
+    return field(default=default, metadata={"env": env, "help": help, **kw})
+
+
+def _parse(raw: str, typ, name: str):
+    origin = get_origin(typ)
+    try:
+        if origin is Literal:
+            if raw not in get_args(typ):
+                raise ValueError(f"must be one of {list(get_args(typ))}")
+            return raw
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("must be a boolean (true/false)")
+        return typ(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r}: {e}") from None
+
+
+def _check(cond: bool, name: str, value, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r}: {rule}")
+
+
+class _Base:
+    @classmethod
+    def load(cls, argv: list[str] | None = None, **overrides):
+        """Build from defaults, then env vars, then flags, then keyword overrides."""
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            raw = envs.get(f.metadata["env"])
+            if raw is not None:
+                values[f.name] = _parse(raw, hints[f.name], f.metadata["env"])
+        if argv is not None:
+            parser = argparse.ArgumentParser(description=cls.__doc__)
+            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                parser.add_argument(
+                    "--" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    default=None,
+                    help=f"{f.metadata['help']} (env {f.metadata['env']}, default {f.default!r})",
+                )
+            ns = parser.parse_args(argv)
+            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                raw = getattr(ns, f.name)
+                if raw is not None:
+                    values[f.name] = _parse(raw, hints[f.name], "--" + f.name.replace("_", "-"))
+        values.update(overrides)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The env vars that reproduce this config (used to launch service processes)."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.metadata["env"]] = str(v).lower() if isinstance(v, bool) else str(v)
+        return out
+
+
+def _check_port(name: str, port: int) -> None:
+    _check(0 <= port <= 65535, name, port, "must be a TCP port in 0..65535")
+
+
+@dataclass
+class BusConfig(_Base):
+    """Kafka connection shared by every service."""
+
+    bootstrap: str = _f("127.0.0.1:9092", "RLHF_KAFKA_BOOTSTRAP", "Kafka bootstrap servers, host:port[,host:port]")
+    topic_prefix: str = _f("rlhf", "RLHF_TOPIC_PREFIX", "Prefix of every topic name")
+    partitions: int = _f(1, "RLHF_TOPIC_PARTITIONS", "Partitions of topics created by the services")
+
+    def __post_init__(self):
+        _check(":" in self.bootstrap, "RLHF_KAFKA_BOOTSTRAP", self.bootstrap, "must be host:port")
+        _check(self.partitions >= 1, "RLHF_TOPIC_PARTITIONS", self.partitions, "must be >= 1")
+        _check(bool(self.topic_prefix) and "." not in self.topic_prefix, "RLHF_TOPIC_PREFIX", self.topic_prefix,
+               "must be a non-empty name without dots")
+
+
+@dataclass
+class PolicyConfig(_Base):
+    """Policy service: vLLM generation, rollout worker, weight-update consumer."""
+
+    model: str = _f("", "RLHF_POLICY_MODEL", "Path of the initial (version 0) HF model folder")
+    host: str = _f("127.0.0.1", "RLHF_POLICY_HOST", "gRPC bind address")
+    port: int = _f(50051, "RLHF_POLICY_PORT", "gRPC port")
+    metrics_port: int = _f(9101, "RLHF_POLICY_METRICS_PORT", "Prometheus /metrics port (0 = off)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f("auto", "RLHF_POLICY_DTYPE", "Weights dtype")
+    max_model_len: int = _f(512, "RLHF_POLICY_MAX_MODEL_LEN", "Context length given to vLLM")
+    kv_cache_gib: int = _f(1, "RLHF_POLICY_KV_CACHE_GIB", "KV-cache size on CPU (GiB)")
+    max_tokens: int = _f(32, "RLHF_POLICY_MAX_TOKENS", "Default max new tokens per completion")
+    rollout_n: int = _f(4, "RLHF_POLICY_ROLLOUT_N", "Samples per prompt in the rollout worker (GRPO group)")
+    rollout_temperature: float = _f(1.0, "RLHF_POLICY_ROLLOUT_TEMPERATURE", "Sampling temperature of rollouts")
+    rollout_enabled: bool = _f(True, "RLHF_POLICY_ROLLOUT_ENABLED", "Run the rollout worker")
+    max_groups_ahead: int = _f(4, "RLHF_POLICY_MAX_GROUPS_AHEAD",
+                               "Back-pressure: the worker stops taking prompts while it is this many groups "
+                               "ahead of what the trainer reports consumed")
+    model_name: str = _f("policy", "RLHF_POLICY_MODEL_NAME", "Name of the model in rlhf.weights records")
+    seed: int = _f(0, "RLHF_POLICY_SEED", "vLLM seed")
+
+    def __post_init__(self):
+        _check(bool(self.model), "RLHF_POLICY_MODEL", self.model, "must name a model folder")
+        _check_port("RLHF_POLICY_PORT", self.port)
+        _check_port("RLHF_POLICY_METRICS_PORT", self.metrics_port)
+        _check(self.max_tokens >= 1, "RLHF_POLICY_MAX_TOKENS", self.max_tokens, "must be >= 1")
+        _check(self.max_tokens < self.max_model_len, "RLHF_POLICY_MAX_TOKENS", self.max_tokens,
+               f"must be below RLHF_POLICY_MAX_MODEL_LEN={self.max_model_len}")
+        _check(self.rollout_n >= 1, "RLHF_POLICY_ROLLOUT_N", self.rollout_n, "must be >= 1")
+        _check(self.rollout_temperature > 0, "RLHF_POLICY_ROLLOUT_TEMPERATURE", self.rollout_temperature,
+               "must be > 0 (rollouts are sampled)")
+        _check(self.max_groups_ahead >= 1, "RLHF_POLICY_MAX_GROUPS_AHEAD", self.max_groups_ahead, "must be >= 1")
+        _check(self.kv_cache_gib >= 1, "RLHF_POLICY_KV_CACHE_GIB", self.kv_cache_gib, "must be >= 1")
+
+
+@dataclass
+class RewardConfig(_Base):
+    """Reward service: a sequence-classification model with one logit."""
+
+    model: str = _f("", "RLHF_REWARD_MODEL", "Path of the reward model folder")
+    host: str = _f("127.0.0.1", "RLHF_REWARD_HOST", "gRPC bind address")
+    port: int = _f(50052, "RLHF_REWARD_PORT", "gRPC port")
+    metrics_port: int = _f(9102, "RLHF_REWARD_METRICS_PORT", "Prometheus /metrics port (0 = off)")
+    max_length: int = _f(512, "RLHF_REWARD_MAX_LENGTH", "Token limit; longer inputs are truncated")
+    max_batch_items: int = _f(256, "RLHF_REWARD_MAX_BATCH_ITEMS", "Most items in one Score request")
+    torch_threads: int = _f(1, "RLHF_REWARD_TORCH_THREADS", "torch intra-op threads")
+
+    def __post_init__(self):
+        _check(bool(self.model), "RLHF_REWARD_MODEL", self.model, "must name a model folder")
+        _check_port("RLHF_REWARD_PORT", self.port)
+        _check_port("RLHF_REWARD_METRICS_PORT", self.metrics_port)
+        _check(self.max_length >= 8, "RLHF_REWARD_MAX_LENGTH", self.max_length, "must be >= 8")
+        _check(self.max_batch_items >= 1, "RLHF_REWARD_MAX_BATCH_ITEMS", self.max_batch_items, "must be >= 1")
+        _check(self.torch_threads >= 1, "RLHF_REWARD_TORCH_THREADS", self.torch_threads, "must be >= 1")
+
+
+@dataclass
+class ReferenceConfig(_Base):
+    """Reference service: frozen log-probs of the initial policy."""
+
+    model: str = _f("", "RLHF_REFERENCE_MODEL", "Path of the reference model folder")
+    host: str = _f("127.0.0.1", "RLHF_REFERENCE_HOST", "gRPC bind address")
+    port: int = _f(50053, "RLHF_REFERENCE_PORT", "gRPC port")
+    metrics_port: int = _f(9103, "RLHF_REFERENCE_METRICS_PORT", "Prometheus /metrics port (0 = off)")
+    max_batch_items: int = _f(256, "RLHF_REFERENCE_MAX_BATCH_ITEMS", "Most items in one LogProbs request")
+    torch_threads: int = _f(1, "RLHF_REFERENCE_TORCH_THREADS", "torch intra-op threads")
+
+    def __post_init__(self):
+        _check(bool(self.model), "RLHF_REFERENCE_MODEL", self.model, "must name a model folder")
+        _check_port("RLHF_REFERENCE_PORT", self.port)
+        _check_port("RLHF_REFERENCE_METRICS_PORT", self.metrics_port)
+        _check(self.max_batch_items >= 1, "RLHF_REFERENCE_MAX_BATCH_ITEMS", self.max_batch_items, "must be >= 1")
+        _check(self.torch_threads >= 1, "RLHF_REFERENCE_TORCH_THREADS", self.torch_threads, "must be >= 1")
+
+
+@dataclass
+class TrainerConfig(_Base):
+    """Trainer: consumes rollouts, scores them, updates the policy, publishes weights."""
+
+    model: str = _f("", "RLHF_TRAINER_MODEL", "Path of the initial policy folder (version 0)")
+    weight_store: str = _f("", "RLHF_TRAINER_WEIGHT_STORE", "Directory where published checkpoints are written")
+    host: str = _f("127.0.0.1", "RLHF_TRAINER_HOST", "gRPC bind address")
+    port: int = _f(50054, "RLHF_TRAINER_PORT", "gRPC port")
+    metrics_port: int = _f(9104, "RLHF_TRAINER_METRICS_PORT", "Prometheus /metrics port (0 = off)")
+    reward_addr: str = _f("127.0.0.1:50052", "RLHF_TRAINER_REWARD_ADDR", "RewardService address")
+    reference_addr: str = _f("127.0.0.1:50053", "RLHF_TRAINER_REFERENCE_ADDR", "ReferenceService address")
+    algorithm: Literal["grpo"] = _f("grpo", "RLHF_TRAINER_ALGORITHM", "Policy optimisation algorithm")
+    groups_per_step: int = _f(2, "RLHF_TRAINER_GROUPS_PER_STEP", "Prompt groups per optimisation step")
+    lr: float = _f(1e-3, "RLHF_TRAINER_LR", "Adam learning rate")
+    kl_beta: float = _f(0.05, "RLHF_TRAINER_KL_BETA", "Weight of the per-token KL penalty in the loss")
+    clip_eps: float = _f(0.2, "RLHF_TRAINER_CLIP_EPS", "PPO-style ratio clip")
+    max_grad_norm: float = _f(1.0, "RLHF_TRAINER_MAX_GRAD_NORM", "Gradient clipping norm")
+    max_steps: int = _f(0, "RLHF_TRAINER_MAX_STEPS", "Stop consuming after this many steps (0 = no limit)")
+    model_name: str = _f("policy", "RLHF_TRAINER_MODEL_NAME", "Model name in published WeightUpdate records")
+    group_id: str = _f("rlhf-trainer", "RLHF_TRAINER_GROUP_ID", "Kafka consumer group (offsets are committed here)")
+    torch_threads: int = _f(1, "RLHF_TRAINER_TORCH_THREADS", "torch intra-op threads")
+    seed: int = _f(0, "RLHF_TRAINER_SEED", "torch seed")
+
+    def __post_init__(self):
+        _check(bool(self.model), "RLHF_TRAINER_MODEL", self.model, "must name a model folder")
+        _check(bool(self.weight_store), "RLHF_TRAINER_WEIGHT_STORE", self.weight_store, "must name a directory")
+        _check_port("RLHF_TRAINER_PORT", self.port)
+        _check_port("RLHF_TRAINER_METRICS_PORT", self.metrics_port)
+        _check(self.groups_per_step >= 1, "RLHF_TRAINER_GROUPS_PER_STEP", self.groups_per_step, "must be >= 1")
+        _check(self.lr > 0, "RLHF_TRAINER_LR", self.lr, "must be > 0")
+        _check(self.kl_beta >= 0, "RLHF_TRAINER_KL_BETA", self.kl_beta, "must be >= 0")
+        _check(0 < self.clip_eps < 1, "RLHF_TRAINER_CLIP_EPS", self.clip_eps, "must be in (0, 1)")
+        _check(self.max_grad_norm > 0, "RLHF_TRAINER_MAX_GRAD_NORM", self.max_grad_norm, "must be > 0")
+        _check(self.max_steps >= 0, "RLHF_TRAINER_MAX_STEPS", self.max_steps, "must be >= 0")
+        _check(self.torch_threads >= 1, "RLHF_TRAINER_TORCH_THREADS", self.torch_threads, "must be >= 1")
+        for name, addr in (("RLHF_TRAINER_REWARD_ADDR", self.reward_addr),
+                           ("RLHF_TRAINER_REFERENCE_ADDR", self.reference_addr)):
+            _check(":" in addr, name, addr, "must be host:port")

@@ -1,0 +1,80 @@
+"""Prometheus metric definitions. Each class takes the registry to register into, so
+tests use a fresh CollectorRegistry and read values with get_sample_value."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SYNC_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+LAG_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16, 32)
+
+
+def serve(port: int, registry: CollectorRegistry) -> None:
+    """Expose /metrics on the given port (0 = do not expose)."""
+    if port:
+        start_http_server(port, addr="0.0.0.0", registry=registry)
+
+
+class RpcMetrics:
+    """Request counts by method and status, and latency by method (every service)."""
+
+    def __init__(self, prefix: str, registry: CollectorRegistry):
+        self.requests = Counter(f"{prefix}_requests_total", "gRPC requests by method and status code",
+                                ["method", "code"], registry=registry)
+        self.latency = Histogram(f"{prefix}_request_seconds", "gRPC request latency", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class PolicyMetrics(RpcMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__("rlhf_policy", registry)
+        self.version = Gauge("rlhf_policy_version", "Weight version being served", registry=registry)
+        self.generated_tokens = Counter("rlhf_policy_generated_tokens_total", "Tokens generated",
+                                        ["kind"], registry=registry)
+        self.rollouts = Counter("rlhf_policy_rollouts_total", "Rollouts produced", registry=registry)
+        self.weight_sync = Histogram("rlhf_policy_weight_sync_seconds",
+                                     "Seconds from WeightUpdate received to serving the new version",
+                                     buckets=SYNC_BUCKETS, registry=registry)
+        self.weight_updates = Counter("rlhf_policy_weight_updates_total", "Weight updates by outcome",
+                                      ["outcome"], registry=registry)
+        self.groups_ahead = Gauge("rlhf_policy_rollout_groups_ahead",
+                                  "Rollout groups produced but not yet consumed by the trainer",
+                                  registry=registry)
+
+
+class RewardMetrics(RpcMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__("rlhf_reward", registry)
+        self.items = Counter("rlhf_reward_scored_items_total", "Items scored", registry=registry)
+        self.truncated = Counter("rlhf_reward_truncated_items_total", "Items truncated to the model limit",
+                                 registry=registry)
+
+
+class ReferenceMetrics(RpcMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__("rlhf_reference", registry)
+        self.tokens = Counter("rlhf_reference_scored_tokens_total", "Response tokens scored", registry=registry)
+
+
+class TrainerMetrics(RpcMetrics):
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__("rlhf_trainer", registry)
+        self.step = Gauge("rlhf_trainer_step", "Optimisation steps done", registry=registry)
+        self.version = Gauge("rlhf_trainer_published_version", "Last published weight version", registry=registry)
+        self.reward_mean = Gauge("rlhf_trainer_reward_mean", "Mean reward of the last batch", registry=registry)
+        self.reward_std = Gauge("rlhf_trainer_reward_std", "Reward std of the last batch", registry=registry)
+        self.kl = Gauge("rlhf_trainer_kl_nats", "Mean per-token KL to the reference (k3), last batch",
+                        registry=registry)
+        self.loss = Gauge("rlhf_trainer_loss", "Loss of the last step", registry=registry)
+        self.response_length = Gauge("rlhf_trainer_response_length_mean", "Mean response length (tokens)",
+                                     registry=registry)
+        self.rollouts = Counter("rlhf_trainer_rollouts_consumed_total", "Rollouts consumed", registry=registry)
+        self.tokens = Counter("rlhf_trainer_trained_tokens_total", "Response tokens trained on", registry=registry)
+        self.duplicates = Counter("rlhf_trainer_duplicate_rollouts_total", "Rollouts skipped as duplicates",
+                                  registry=registry)
+        self.phase_seconds = Histogram("rlhf_trainer_phase_seconds", "Step time by phase", ["phase"],
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.version_lag = Histogram("rlhf_trainer_rollout_version_lag",
+                                     "Policy versions between a rollout's generation and its training step",
+                                     buckets=LAG_BUCKETS, registry=registry)

@@ -1,0 +1,146 @@
+"""Model factories: a tiny random Llama policy and a tiny reward model, built locally.
+
+Nothing here downloads anything. The tokenizer is a byte-level BPE trained on a small
+corpus generated in this module, so tests and the demo run on a machine with no model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+_WORDS = (
+    "the a an one two three red blue green small big quick slow happy sad cat dog bird "
+    "fish tree river sun moon star city road house garden book song game story friend "
+    "runs jumps sings reads writes sees finds makes takes gives likes wants needs loves "
+    "and or but so because when while after before if then yes no maybe please thanks "
+    "hello hi good bad great fine nice kind warm cold bright dark early late today "
+    "tomorrow yesterday morning night what why how who where which answer question "
+    "tell me about explain write short poem list three facts help plan trip learn"
+).split()
+
+
+def synthetic_corpus(n_sentences: int = 4000, seed: int = 0) -> list[str]:
+    """Deterministic English-like sentences used to train the tiny tokenizer."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        k = rng.randint(4, 14)
+        words = [rng.choice(_WORDS) for _ in range(k)]
+        s = " ".join(words).capitalize() + rng.choice([".", "?", "!", "."])
+        out.append(s)
+    return out
+
+
+def tiny_prompts(n: int, seed: int = 1) -> list[str]:
+    """Short prompts in the tiny model's vocabulary (for tests and the demo)."""
+    rng = random.Random(seed)
+    heads = ["Tell me about", "Write a short poem about", "Explain why", "List three facts about", "Help me plan"]
+    return [f"{rng.choice(heads)} the {rng.choice(_WORDS)} {rng.choice(_WORDS)}." for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class TinyLlamaSpec:
+    """Shape of the tiny policy. head_dim 64 is a size every vLLM CPU attention kernel supports."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+def build_tokenizer(vocab_size: int, seed: int = 0):
+    """Train a byte-level BPE tokenizer locally and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        model_max_length=512,
+    )
+
+
+def make_tiny_llama(out_dir: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
+    """Write a random tiny Llama (float32, safetensors) plus tokenizer to out_dir.
+
+    Idempotent: a folder that already holds a complete model is left as it is.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec.vocab_size, seed=spec.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    # A wider init than the default makes the random policy's distribution peaky
+    # enough that greedy decoding has no near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.3)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_reward_model(out_dir: str | Path, policy_dir: str | Path, seed: int = 1) -> Path:
+    """A tiny LlamaForSequenceClassification (1 label) sharing the policy's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    base = json.loads((Path(policy_dir) / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=base["vocab_size"],
+        hidden_size=base["hidden_size"],
+        intermediate_size=base["intermediate_size"],
+        num_hidden_layers=base["num_hidden_layers"],
+        num_attention_heads=base["num_attention_heads"],
+        num_key_value_heads=base["num_key_value_heads"],
+        max_position_embeddings=base["max_position_embeddings"],
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,96 @@
+"""Weight store: versioned safetensors checkpoint folders with a sha256 manifest.
+
+Layout: <root>/<model_name>/v<version:08d>/{model.safetensors, config.json, tokenizer...,
+rlhf_manifest.json}. A version folder is written under a temporary name and renamed into
+place, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WeightsCorrupt
+
+MANIFEST = "rlhf_manifest.json"
+
+
+def local_path(uri: str) -> Path:
+    """Path of a checkpoint URI. Plain paths and file:// URLs are read directly."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" in uri:
+        raise ValueError(f"unsupported weight-store URL {uri!r}: only local paths and file:// are supported")
+    return Path(uri)
+
+
+def digest(folder: str | Path) -> str:
+    """sha256 over the names and bytes of every *.safetensors file, in name order."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {str(folder)!r}")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder: str | Path, sha256: str) -> None:
+    actual = digest(folder)
+    if actual != sha256:
+        raise WeightsCorrupt(f"checkpoint {str(folder)!r} has sha256 {actual}, announced {sha256}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model_name: str
+    version: int
+    path: Path
+    sha256: str
+    step: int
+
+
+class WeightStore:
+    def __init__(self, root: str | Path):
+        self.root = local_path(str(root))
+
+    def folder(self, model_name: str, version: int) -> Path:
+        return self.root / model_name / f"v{version:08d}"
+
+    def save(self, model, tokenizer, model_name: str, version: int, step: int) -> Checkpoint:
+        """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint."""
+        final = self.folder(model_name, version)
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        sha = digest(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(
+            {"model_name": model_name, "version": version, "step": step, "sha256": sha,
+             "created_unix_ms": int(time.time() * 1000)}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return Checkpoint(model_name, version, final, sha, step)
+
+    def load_manifest(self, model_name: str, version: int) -> Checkpoint:
+        folder = self.folder(model_name, version)
+        m = json.loads((folder / MANIFEST).read_text())
+        return Checkpoint(m["model_name"], m["version"], folder, m["sha256"], m["step"])
+
+    def versions(self, model_name: str) -> list[int]:
+        d = self.root / model_name
+        if not d.exists():
+            return []
+        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())

@@ -1,0 +1,69 @@
+"""Worker-side weight loading for vLLM, imported inside vLLM's worker process.
+
+vLLM names this class in ``worker_extension_cls``; the worker imports this module
+before it loads the model, which is early enough to change how CPU linear layers are
+packed.
+
+Why the patch: on CPU, vLLM packs each linear weight into a oneDNN/sgl kernel handle
+and then replaces the parameter with an empty tensor (``remove_weight=True``). After
+that, ``model.load_weights`` has nowhere to write, and the packed handles keep the old
+weights. Keeping the parameter (``remove_weight=False``) costs a second copy of the
+linear weights, and lets an update load new tensors and then rebuild the packed handles
+with ``process_weights_after_loading``. On GPU the patch is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+
+def _patch_cpu_gemm_dispatch() -> None:
+    from vllm.model_executor.layers import utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "_rlhf_keeps_weight", False):
+        return
+
+    def keep_weight_dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+
+    keep_weight_dispatch._rlhf_keeps_weight = True  # type: ignore[attr-defined]
+    layer_utils.dispatch_cpu_unquantized_gemm = keep_weight_dispatch
+
+
+_patch_cpu_gemm_dispatch()
+
+
+class WeightUpdateExtension:
+    """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
+
+    def rlhf_load_weights(self, checkpoint_dir: str) -> dict:
+        """Load every safetensors file of checkpoint_dir into the running model."""
+        from safetensors.torch import load_file
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        t0 = time.perf_counter()
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir!r}")
+        n = 0
+        for f in files:
+            tensors = load_file(str(f))
+            n += len(tensors)
+            model.load_weights(weights=tensors.items())
+        device = next(model.parameters()).device
+        process_weights_after_loading(model, self.model_runner.model_config, device)  # type: ignore[attr-defined]
+        return {"tensors": n, "seconds": time.perf_counter() - t0}
+
+    def rlhf_weights_digest(self) -> str:
+        """sha256 over the served parameters (for debugging weight drift)."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.model_runner.model.named_parameters()):  # type: ignore[attr-defined]
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
