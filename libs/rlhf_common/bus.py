@@ -194,6 +194,11 @@ class Consumer(Generic[M]):
         if offsets:
             self._c.commit(offsets)
 
+    def commit_offsets(self, offsets: dict[int, int]) -> None:
+        """Commit explicit next-offsets by partition number."""
+        if offsets:
+            self._c.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+
     def committed(self) -> dict[int, int | None]:
         return {tp.partition: self._c.committed(tp) for tp in self.partitions}
 

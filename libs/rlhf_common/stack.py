@@ -1,0 +1,244 @@
+"""The local stack: the broker and the four services as processes on loopback ports.
+
+Used by `make up` / `make down`, by `make demo`, and by the integration and e2e tests.
+
+    python -m rlhf_common.stack up --run-dir .run     # start in the background, print ports
+    python -m rlhf_common.stack down --run-dir .run   # stop what `up` started
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .config import BusConfig, PolicyConfig, ReferenceConfig, RewardConfig, TrainerConfig
+from .devbroker import DevBroker
+
+SERVICES = ("reward", "reference", "trainer", "policy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(addr: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until the standard gRPC health service at addr says SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                tail = log.read_text()[-3000:] if log and log.exists() else ""
+                raise RuntimeError(f"service at {addr} exited with code {proc.returncode}:\n{tail}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service at {addr} not healthy after {timeout_s:.0f}s")
+            time.sleep(0.3)
+
+
+@dataclass
+class StackSpec:
+    """Everything needed to start the stack; ports of 0 are picked free at start."""
+
+    run_dir: Path
+    policy_model: Path | None = None
+    reward_model: Path | None = None
+    rollout_n: int = 4
+    max_tokens: int = 16
+    groups_per_step: int = 2
+    max_groups_ahead: int = 4
+    trainer_lr: float = 1e-3
+    kl_beta: float = 0.05
+    trainer_max_steps: int = 0
+    topic_prefix: str = "rlhf"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stack:
+    spec: StackSpec
+    broker: DevBroker | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addrs: dict[str, str] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    bus: BusConfig | None = None
+    configs: dict[str, object] = field(default_factory=dict)
+
+    def prepare_models(self) -> None:
+        from .models import make_tiny_llama, make_tiny_reward_model
+
+        models = self.spec.run_dir / "models"
+        if self.spec.policy_model is None:
+            self.spec.policy_model = make_tiny_llama(models / "tiny-policy")
+        if self.spec.reward_model is None:
+            self.spec.reward_model = make_tiny_reward_model(models / "tiny-reward", self.spec.policy_model)
+
+    def start(self, detach: bool = False, health_timeout_s: float = 300.0) -> "Stack":
+        s = self.spec
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_models()
+        self.broker = DevBroker(port=free_port(), log_path=s.run_dir / "broker.log").start()
+        self.bus = BusConfig(bootstrap=self.broker.bootstrap, topic_prefix=s.topic_prefix)
+        ports = {n: (free_port(), free_port()) for n in SERVICES}
+        self.addrs = {n: f"127.0.0.1:{p[0]}" for n, p in ports.items()}
+        self.metrics_ports = {n: p[1] for n, p in ports.items()}
+        self.configs = {
+            "reward": RewardConfig(model=str(s.reward_model), port=ports["reward"][0],
+                                   metrics_port=ports["reward"][1]),
+            "reference": ReferenceConfig(model=str(s.policy_model), port=ports["reference"][0],
+                                         metrics_port=ports["reference"][1]),
+            "trainer": TrainerConfig(
+                model=str(s.policy_model), weight_store=str(s.run_dir / "weights"), port=ports["trainer"][0],
+                metrics_port=ports["trainer"][1], reward_addr=self.addrs["reward"],
+                reference_addr=self.addrs["reference"], groups_per_step=s.groups_per_step, lr=s.trainer_lr,
+                kl_beta=s.kl_beta, max_steps=s.trainer_max_steps,
+            ),
+            "policy": PolicyConfig(
+                model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],
+                rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
+                dtype="float32",
+            ),
+        }
+        for name in SERVICES:
+            env = {**os.environ, **self.bus.to_env(), **self.configs[name].to_env(), **s.extra_env,
+                   "PYTHONUNBUFFERED": "1"}
+            log = open(s.run_dir / f"{name}.log", "ab")
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"rlhf_{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            for name in SERVICES:
+                wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
+        except BaseException:
+            self.stop()
+            raise
+        if detach:
+            self.write_state()
+        return self
+
+    def write_state(self) -> None:
+        state = {
+            "broker": {"pid": self.broker.proc.pid, "bootstrap": self.broker.bootstrap},
+            "services": {n: {"pid": p.pid, "grpc": self.addrs[n], "metrics": self.metrics_ports[n]}
+                         for n, p in self.procs.items()},
+            "weights": str(self.spec.run_dir / "weights"),
+        }
+        (self.spec.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+        if self.broker:
+            self.broker.stop()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def seed_prompts(bus: BusConfig, texts: list[str], n: int = 0, source: str = "seed") -> list[str]:
+    """Produce prompts to rlhf.prompts; returns their ids."""
+    from rlhf.events.v1 import events_pb2
+
+    from .bus import Producer, now_ms
+    from .topics import Topics
+
+    topic = Topics(bus.topic_prefix).prompts
+    prod = Producer(bus, client_id="seeder")
+    ids = []
+    try:
+        for t in texts:
+            pid = uuid.uuid4().hex
+            prod.send(topic, pid, events_pb2.Prompt(prompt_id=pid, text=t, n=n, source=source,
+                                                     created_unix_ms=now_ms()), wait=False)
+            ids.append(pid)
+        prod.flush()
+    finally:
+        prod.close()
+    return ids
+
+
+def _down(run_dir: Path) -> None:
+    state_file = run_dir / "stack.json"
+    if not state_file.exists():
+        print(f"no stack running from {run_dir}")
+        return
+    state = json.loads(state_file.read_text())
+    pids = [v["pid"] for v in state["services"].values()]
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                break
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(state["broker"]["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    state_file.unlink()
+    print("stack stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down"])
+    ap.add_argument("--run-dir", default=".run", type=Path)
+    args = ap.parse_args(argv)
+    if args.action == "down":
+        _down(args.run_dir)
+        return
+    if (args.run_dir / "stack.json").exists():
+        sys.exit(f"a stack is already running from {args.run_dir} (see stack.json); run `make down` first")
+    print("starting broker and services (the policy's vLLM engine takes about a minute on CPU)...", flush=True)
+    st = Stack(StackSpec(run_dir=args.run_dir)).start(detach=True)
+    print(f"kafka     {st.bus.bootstrap}")
+    for n in SERVICES:
+        print(f"{n:<9} grpc {st.addrs[n]}  metrics http://127.0.0.1:{st.metrics_ports[n]}/metrics")
+    print(f"logs in {args.run_dir}/*.log; stop with `make down`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Policy service: vLLM generation, rollout worker, weight-update consumer."""

@@ -1,0 +1,155 @@
+"""Kafka-facing loops of the policy service, each in its own thread.
+
+- WeightSubscriber reads rlhf.weights and applies updates for this model.
+- RolloutWorker reads rlhf.prompts and writes n rollouts per prompt to rlhf.rollouts,
+  pacing itself against the trainer's progress (back-pressure, never dropping prompts).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+from rlhf.events.v1 import events_pb2
+
+from rlhf_common.bus import Consumer, Producer, now_ms
+from rlhf_common.config import BusConfig, PolicyConfig
+from rlhf_common.metrics import PolicyMetrics
+from rlhf_common.topics import Topics
+
+from .core import PolicyEngine, Sampling
+
+log = logging.getLogger(__name__)
+
+
+class _Loop(threading.Thread):
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        try:
+            self.loop_body()
+        except BaseException as e:  # surfaced through health and logs
+            self.error = e
+            log.exception("%s died", self.name)
+
+    @abc.abstractmethod
+    def loop_body(self) -> None:
+        """The thread's work; return when self.stopping is set."""
+
+
+class WeightSubscriber(_Loop):
+    def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
+                 loop: asyncio.AbstractEventLoop):
+        super().__init__("weight-subscriber")
+        self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
+        self.groups_consumed = 0  # as last announced by the trainer
+        self.progress = threading.Condition()
+
+    def loop_body(self) -> None:
+        c = Consumer(self.bus, Topics(self.bus.topic_prefix).weights, events_pb2.WeightUpdate, group_id=None,
+                     client_id="policy-weights")
+        try:
+            while not self.stopping.is_set():
+                for rec in c.poll(timeout_ms=200):
+                    u = rec.record
+                    if u.model_name != self.cfg.model_name:
+                        continue
+                    self.apply(u)
+        finally:
+            c.close()
+
+    def apply(self, u: events_pb2.WeightUpdate) -> None:
+        t_recv = time.perf_counter()
+        if u.version > self.engine.served.version:
+            if u.format not in (events_pb2.WeightUpdate.FORMAT_FULL, events_pb2.WeightUpdate.FORMAT_UNSPECIFIED):
+                log.error("weight update v%d has format %s, which this service does not apply yet",
+                          u.version, events_pb2.WeightUpdate.Format.Name(u.format))
+                self.metrics.weight_updates.labels("unsupported").inc()
+                return
+            fut = asyncio.run_coroutine_threadsafe(self.engine.apply_update(u.version, u.uri, u.sha256), self.loop)
+            try:
+                fut.result()
+            except Exception:
+                log.exception("failed to apply weight update v%d from %s", u.version, u.uri)
+                self.metrics.weight_updates.labels("failed").inc()
+                return
+            self.metrics.weight_sync.observe(time.perf_counter() - t_recv)
+            self.metrics.weight_updates.labels("applied").inc()
+            self.metrics.version.set(u.version)
+            log.info("serving version %d (%s)", u.version, u.sha256[:12])
+        with self.progress:
+            self.groups_consumed = max(self.groups_consumed, u.groups_consumed)
+            self.progress.notify_all()
+
+
+class RolloutWorker(_Loop):
+    def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
+                 loop: asyncio.AbstractEventLoop, weights: WeightSubscriber):
+        super().__init__("rollout-worker")
+        self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
+        self.weights = weights
+        self.groups_emitted = 0
+
+    def _wait_for_trainer(self) -> bool:
+        """Block while too far ahead of the trainer; False when stopping."""
+        with self.weights.progress:
+            while self.groups_emitted - self.weights.groups_consumed >= self.cfg.max_groups_ahead:
+                self.metrics.groups_ahead.set(self.groups_emitted - self.weights.groups_consumed)
+                if self.stopping.is_set():
+                    return False
+                self.weights.progress.wait(timeout=0.2)
+        return not self.stopping.is_set()
+
+    def loop_body(self) -> None:
+        topics = Topics(self.bus.topic_prefix)
+        c = Consumer(self.bus, topics.prompts, events_pb2.Prompt, group_id="rlhf-policy-rollout",
+                     client_id="policy-rollout", id_of=lambda p: p.prompt_id)
+        out = Producer(self.bus, client_id="policy-rollout")
+        try:
+            while not self.stopping.is_set():
+                if not self._wait_for_trainer():
+                    return
+                # One prompt at a time keeps pacing exact; vLLM still batches the n samples.
+                for rec in c.poll(timeout_ms=200, max_records=1):
+                    self._rollout(rec.record, out)
+                    c.commit([rec])
+        finally:
+            c.close()
+            out.close()
+
+    def _rollout(self, p: events_pb2.Prompt, out: Producer) -> None:
+        n = p.n or self.cfg.rollout_n
+        s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n)
+        gen = asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s), self.loop).result()
+        topic = Topics(self.bus.topic_prefix).rollouts
+        for i, c in enumerate(gen.completions):
+            r = events_pb2.Rollout(
+                rollout_id=uuid.uuid4().hex,
+                prompt_id=p.prompt_id,
+                generation_id=c.generation_id,
+                policy_version=gen.policy_version,
+                prompt_text=p.text,
+                response_text=c.text,
+                prompt_token_ids=gen.prompt_token_ids,
+                response_token_ids=c.token_ids,
+                behaviour_logprobs=c.logprobs,
+                group_index=i,
+                group_size=len(gen.completions),
+                finish_reason=c.finish_reason,
+                created_unix_ms=now_ms(),
+            )
+            out.send(topic, p.prompt_id, r, wait=False)
+        out.flush()
+        self.groups_emitted += 1
+        self.metrics.rollouts.inc(len(gen.completions))
+        self.metrics.generated_tokens.labels("rollout").inc(sum(len(c.token_ids) for c in gen.completions))

@@ -1,0 +1,1 @@
+"""Reference service: per-token log-probs of the frozen reference model."""

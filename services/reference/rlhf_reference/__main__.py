@@ -1,0 +1,40 @@
+"""python -m rlhf_reference [--flags]: run the reference service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from rlhf.reference.v1 import reference_pb2, reference_pb2_grpc
+from rlhf_common import metrics as metrics_mod
+from rlhf_common.config import ReferenceConfig
+from rlhf_common.grpc_server import Server, setup_logging
+
+from .core import ReferenceModel
+from .servicer import ReferenceServicer
+
+
+async def amain(cfg: ReferenceConfig) -> None:
+    torch.set_num_threads(cfg.torch_threads)
+    registry = CollectorRegistry()
+    m = metrics_mod.ReferenceMetrics(registry)
+    metrics_mod.serve(cfg.metrics_port, registry)
+    model = ReferenceModel(cfg.model, cfg.max_batch_items)
+    server = Server(cfg.host, cfg.port, [reference_pb2.DESCRIPTOR.services_by_name["ReferenceService"].full_name], m)
+    reference_pb2_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(model, m), server.server)
+    await server.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("reference")
+    cfg = ReferenceConfig.load(sys.argv[1:] if argv is None else argv)
+    logging.getLogger(__name__).info("config: %s", cfg)
+    asyncio.run(amain(cfg))
+
+
+if __name__ == "__main__":
+    main()

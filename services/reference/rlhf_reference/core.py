@@ -1,0 +1,56 @@
+"""Reference log-probs, independent of gRPC."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_common.algos.logprobs import response_logprobs
+from rlhf_common.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class LogProbsItem:
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+
+
+class ReferenceModel:
+    def __init__(self, model_dir: str, max_batch_items: int, version: int = 0):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = model_dir
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.vocab_size = self.model.config.vocab_size
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", 1 << 30)
+        self.max_batch_items = max_batch_items
+        self.version = version
+        self._lock = threading.Lock()
+
+    def validate(self, items: list[LogProbsItem]) -> None:
+        if not items:
+            raise InvalidInput("items: at least one item is required")
+        if len(items) > self.max_batch_items:
+            raise InvalidInput(f"items: {len(items)} items exceed the limit of {self.max_batch_items}")
+        for i, it in enumerate(items):
+            if not it.prompt_token_ids:
+                raise InvalidInput(f"items[{i}].prompt_token_ids: must not be empty")
+            if not it.response_token_ids:
+                raise InvalidInput(f"items[{i}].response_token_ids: must not be empty")
+            bad = [t for t in (*it.prompt_token_ids, *it.response_token_ids) if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidInput(f"items[{i}]: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+            n = len(it.prompt_token_ids) + len(it.response_token_ids)
+            if n > self.max_positions:
+                raise InvalidInput(f"items[{i}]: {n} tokens exceed the model's {self.max_positions} positions")
+
+    def logprobs(self, items: list[LogProbsItem]) -> list[list[float]]:
+        """Blocking: run it in an executor from async code."""
+        self.validate(items)
+        with self._lock, torch.inference_mode():
+            return response_logprobs(self.model, [i.prompt_token_ids for i in items],
+                                     [i.response_token_ids for i in items], self.pad_id)

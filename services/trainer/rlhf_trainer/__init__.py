@@ -1,0 +1,1 @@
+"""Trainer: consumes rollouts, scores them, updates the policy, publishes weights."""

@@ -1,0 +1,42 @@
+"""Thin gRPC layer: protobuf in, domain objects to the core, protobuf out."""
+
+from __future__ import annotations
+
+from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+from .core import Trainer
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def _status(self) -> trainer_pb2.StatusResponse:
+        t = self.trainer
+        return trainer_pb2.StatusResponse(
+            step=t.step,
+            version=t.version,
+            paused=t.paused.is_set(),
+            rollouts_consumed=t.rollouts_consumed,
+            groups_consumed=t.groups_consumed,
+            algorithm=t.cfg.algorithm,
+            recent=[
+                trainer_pb2.StepStats(
+                    step=s.step, version=s.version, reward_mean=s.reward_mean, reward_std=s.reward_std, kl=s.kl,
+                    loss=s.loss, response_length_mean=s.response_length_mean,
+                    version_lag_mean=s.version_lag_mean, step_seconds=s.step_seconds, rollouts=s.rollouts,
+                )
+                for s in list(t.recent)
+            ],
+        )
+
+    async def Status(self, request, context) -> trainer_pb2.StatusResponse:
+        return self._status()
+
+    async def Pause(self, request, context) -> trainer_pb2.StatusResponse:
+        self.trainer.paused.set()
+        return self._status()
+
+    async def Resume(self, request, context) -> trainer_pb2.StatusResponse:
+        self.trainer.paused.clear()
+        return self._status()
