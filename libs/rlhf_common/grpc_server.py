@@ -82,8 +82,14 @@ class Server:
             if asyncio.iscoroutine(res):
                 await res
 
-    async def run(self, on_stop: Callable[[], Awaitable[None]] | None = None, grace_s: float = 5.0) -> None:
-        """Start, mark SERVING, and wait for SIGTERM/SIGINT; then drain and stop."""
+    async def run(self, on_stop: Callable[[], Awaitable[None]] | None = None, grace_s: float = 5.0,
+                  watch: Callable[[], BaseException | None] | None = None) -> None:
+        """Start, mark SERVING, and wait for SIGTERM/SIGINT; then drain and stop.
+
+        `watch` is polled twice a second; when it returns an exception (a background loop
+        died), the service turns NOT_SERVING, stops, and exits with status 1 so that its
+        supervisor restarts it from the last committed state.
+        """
         await self.server.start()
         await self.set_serving(True)
         log.info("gRPC listening on %s:%d", self.host, self.port)
@@ -91,12 +97,22 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        failure: BaseException | None = None
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+            if watch is not None and (failure := watch()) is not None:
+                log.error("background loop failed, stopping: %r", failure)
+                break
         log.info("stopping (grace %.1fs)", grace_s)
         await self.set_serving(False)
         if on_stop is not None:
             await on_stop()
         await self.server.stop(grace_s)
+        if failure is not None:
+            raise SystemExit(1)
 
 
 def setup_logging(name: str) -> None:

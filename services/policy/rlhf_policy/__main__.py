@@ -48,7 +48,8 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
             await loop.run_in_executor(None, t.join, 10)
 
     try:
-        await server.run(on_stop=on_stop)
+        await server.run(on_stop=on_stop,
+                         watch=lambda: next((t.error for t in threads if t.error is not None), None))
     finally:
         engine.shutdown()
 

@@ -49,16 +49,20 @@ class RewardModel:
         if len(items) > self.max_batch_items:
             raise InvalidInput(f"items: {len(items)} items exceed the limit of {self.max_batch_items}")
         for i, it in enumerate(items):
-            if not it.response.strip():
-                raise InvalidInput(f"items[{i}].response: must not be empty")
+            # An empty response is a legitimate answer to score (often a bad one);
+            # an item with no text at all is not.
+            if not it.prompt.strip() and not it.response.strip():
+                raise InvalidInput(f"items[{i}]: prompt and response are both empty")
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         """Blocking: run it in an executor from async code."""
         self.validate(items)
-        texts = [it.prompt + it.response for it in items]
-        full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        prompts = [it.prompt for it in items]
+        responses = [it.response for it in items]
+        # Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain join.
+        full = self.tokenizer(prompts, responses)["input_ids"]
         truncated = [len(ids) > self.max_length for ids in full]
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length,
+        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length,
                              padding=True, return_tensors="pt")
         with self._lock, torch.inference_mode():
             logits = self.model(**enc).logits[:, 0]

@@ -39,7 +39,7 @@ async def amain(cfg: TrainerConfig, bus: BusConfig) -> None:
         trainer.stopping.set()
         await loop.run_in_executor(None, thread.join, 30)
 
-    await server.run(on_stop=on_stop)
+    await server.run(on_stop=on_stop, watch=lambda: trainer.error)
 
 
 def main(argv: list[str] | None = None) -> None:

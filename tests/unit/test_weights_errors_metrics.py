@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from rlhf_common import errors
+from rlhf_common.metrics import TrainerMetrics
+from rlhf_common.weights import WeightStore, digest, local_path, verify
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+    def save_pretrained(self, path, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        save_file({"w": self.w.detach().contiguous()}, str(path / "model.safetensors"))
+
+
+def test_store_save_versions_and_digest(tmp_path):
+    store = WeightStore(tmp_path)
+    m = _Tiny()
+    c1 = store.save(m, None, "policy", 1, step=10)
+    with torch.no_grad():
+        m.w.add_(1.0)
+    c2 = store.save(m, None, "policy", 2, step=20)
+    assert store.versions("policy") == [1, 2]
+    assert c1.sha256 != c2.sha256
+    assert store.load_manifest("policy", 2) == c2
+    assert digest(c2.path) == c2.sha256
+    assert not list(tmp_path.glob("policy/*.tmp-*"))
+
+
+def test_verify_detects_corruption(tmp_path):
+    c = WeightStore(tmp_path).save(_Tiny(), None, "policy", 1, step=1)
+    f = c.path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(errors.WeightsCorrupt, match=c.sha256):
+        verify(c.path, c.sha256)
+
+
+def test_local_path_rejects_unknown_schemes():
+    assert str(local_path("file:///a/b")) == "/a/b"
+    with pytest.raises(ValueError, match="s3://x"):
+        local_path("s3://x")
+
+
+@pytest.mark.parametrize("exc,code,status", [
+    (errors.InvalidInput("x"), grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (errors.NotReady("x"), grpc.StatusCode.UNAVAILABLE, 503),
+    (errors.Overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (errors.Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED, 401),
+    (RuntimeError("boom"), grpc.StatusCode.INTERNAL, 500),
+])
+def test_error_map(exc, code, status):
+    assert errors.to_grpc(exc)[0] == code
+    assert errors.to_http(exc)[0] == status
+
+
+def test_trainer_metrics_use_injected_registry():
+    reg = CollectorRegistry()
+    m = TrainerMetrics(reg)
+    m.rollouts.inc(3)
+    m.version_lag.observe(1)
+    m.phase_seconds.labels("training").observe(0.2)
+    assert reg.get_sample_value("rlhf_trainer_rollouts_consumed_total") == 3
+    assert reg.get_sample_value("rlhf_trainer_rollout_version_lag_bucket", {"le": "1.0"}) == 1
+    assert reg.get_sample_value("rlhf_trainer_phase_seconds_count", {"phase": "training"}) == 1
+    # a second registry is independent
+    assert CollectorRegistry().get_sample_value("rlhf_trainer_rollouts_consumed_total") is None
