@@ -9,7 +9,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
 
-.PHONY: install proto test test-unit test-integration test-e2e demo up down clean
+.PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean
 
 install: $(STAMP) proto
 
@@ -58,6 +58,9 @@ demo: install
 
 up: install
 	$(PY) -m rlhf_common.stack up --run-dir $(RUN_DIR)
+
+seed: install
+	$(PY) -m rlhf_common.stack seed --run-dir $(RUN_DIR) $(if $(PROMPTS),--prompts $(PROMPTS))
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m rlhf_common.stack down --run-dir $(RUN_DIR); fi

@@ -184,6 +184,8 @@ class TrainerConfig(_Base):
 
     model: str = _f("", "RLHF_TRAINER_MODEL", "Path of the initial policy folder (version 0)")
     weight_store: str = _f("", "RLHF_TRAINER_WEIGHT_STORE", "Directory where published checkpoints are written")
+    keep_versions: int = _f(8, "RLHF_TRAINER_KEEP_VERSIONS",
+                            "Published versions kept in the weight store; older ones are deleted (0 = keep all)")
     host: str = _f("127.0.0.1", "RLHF_TRAINER_HOST", "gRPC bind address")
     port: int = _f(50054, "RLHF_TRAINER_PORT", "gRPC port")
     metrics_port: int = _f(9104, "RLHF_TRAINER_METRICS_PORT", "Prometheus /metrics port (0 = off)")
@@ -191,7 +193,7 @@ class TrainerConfig(_Base):
     reference_addr: str = _f("127.0.0.1:50053", "RLHF_TRAINER_REFERENCE_ADDR", "ReferenceService address")
     algorithm: Literal["grpo"] = _f("grpo", "RLHF_TRAINER_ALGORITHM", "Policy optimisation algorithm")
     groups_per_step: int = _f(2, "RLHF_TRAINER_GROUPS_PER_STEP", "Prompt groups per optimisation step")
-    lr: float = _f(1e-3, "RLHF_TRAINER_LR", "Adam learning rate")
+    lr: float = _f(1e-4, "RLHF_TRAINER_LR", "Adam learning rate")
     kl_beta: float = _f(0.05, "RLHF_TRAINER_KL_BETA", "Weight of the per-token KL penalty in the loss")
     clip_eps: float = _f(0.2, "RLHF_TRAINER_CLIP_EPS", "PPO-style ratio clip")
     max_grad_norm: float = _f(1.0, "RLHF_TRAINER_MAX_GRAD_NORM", "Gradient clipping norm")
@@ -211,6 +213,7 @@ class TrainerConfig(_Base):
         _check(self.kl_beta >= 0, "RLHF_TRAINER_KL_BETA", self.kl_beta, "must be >= 0")
         _check(0 < self.clip_eps < 1, "RLHF_TRAINER_CLIP_EPS", self.clip_eps, "must be in (0, 1)")
         _check(self.max_grad_norm > 0, "RLHF_TRAINER_MAX_GRAD_NORM", self.max_grad_norm, "must be > 0")
+        _check(self.keep_versions >= 0, "RLHF_TRAINER_KEEP_VERSIONS", self.keep_versions, "must be >= 0")
         _check(self.max_steps >= 0, "RLHF_TRAINER_MAX_STEPS", self.max_steps, "must be >= 0")
         _check(self.torch_threads >= 1, "RLHF_TRAINER_TORCH_THREADS", self.torch_threads, "must be >= 1")
         for name, addr in (("RLHF_TRAINER_REWARD_ADDR", self.reward_addr),

@@ -3,6 +3,7 @@
 Used by `make up` / `make down`, by `make demo`, and by the integration and e2e tests.
 
     python -m rlhf_common.stack up --run-dir .run     # start in the background, print ports
+    python -m rlhf_common.stack seed --run-dir .run   # send prompts to the running stack
     python -m rlhf_common.stack down --run-dir .run   # stop what `up` started
 """
 
@@ -25,8 +26,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import BusConfig, PolicyConfig, ReferenceConfig, RewardConfig, TrainerConfig
 from .devbroker import DevBroker
+from .topics import Topics
 
 SERVICES = ("reward", "reference", "trainer", "policy")
+
+
+def _field_default(cls, name: str):
+    import dataclasses
+
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def free_port() -> int:
@@ -66,10 +74,13 @@ class StackSpec:
     max_tokens: int = 16
     groups_per_step: int = 2
     max_groups_ahead: int = 4
-    trainer_lr: float = 1e-3
+    trainer_lr: float = 1e-4
     kl_beta: float = 0.05
     trainer_max_steps: int = 0
     topic_prefix: str = "rlhf"
+    # False: every port is picked free (tests). True: the documented defaults of each
+    # service's config (Kafka 9092, gRPC 50051-50054, metrics 9101-9104), for `make up`.
+    default_ports: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -96,9 +107,17 @@ class Stack:
         s = self.spec
         s.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_models()
-        self.broker = DevBroker(port=free_port(), log_path=s.run_dir / "broker.log").start()
+        if s.default_ports:
+            defaults = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig,
+                        "trainer": TrainerConfig}
+            ports = {n: (_field_default(defaults[n], "port"), _field_default(defaults[n], "metrics_port"))
+                     for n in SERVICES}
+            broker_port = int(_field_default(BusConfig, "bootstrap").rsplit(":", 1)[1])
+        else:
+            ports = {n: (free_port(), free_port()) for n in SERVICES}
+            broker_port = free_port()
+        self.broker = DevBroker(port=broker_port, log_path=s.run_dir / "broker.log").start()
         self.bus = BusConfig(bootstrap=self.broker.bootstrap, topic_prefix=s.topic_prefix)
-        ports = {n: (free_port(), free_port()) for n in SERVICES}
         self.addrs = {n: f"127.0.0.1:{p[0]}" for n, p in ports.items()}
         self.metrics_ports = {n: p[1] for n, p in ports.items()}
         self.configs = {
@@ -172,7 +191,6 @@ def seed_prompts(bus: BusConfig, texts: list[str], n: int = 0, source: str = "se
     from rlhf.events.v1 import events_pb2
 
     from .bus import Producer, now_ms
-    from .topics import Topics
 
     topic = Topics(bus.topic_prefix).prompts
     prod = Producer(bus, client_id="seeder")
@@ -224,20 +242,33 @@ def _down(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down"])
+    ap.add_argument("action", choices=["up", "down", "seed"])
     ap.add_argument("--run-dir", default=".run", type=Path)
+    ap.add_argument("--prompts", type=Path, help="seed: a text file with one prompt per line "
+                                                 "(default: 32 prompts in the tiny model's vocabulary)")
     args = ap.parse_args(argv)
     if args.action == "down":
         _down(args.run_dir)
         return
+    if args.action == "seed":
+        state_file = args.run_dir / "stack.json"
+        if not state_file.exists():
+            sys.exit(f"no stack running from {args.run_dir}; start one with `make up`")
+        from .models import tiny_prompts
+
+        bus = BusConfig(bootstrap=json.loads(state_file.read_text())["broker"]["bootstrap"])
+        texts = ([ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+                 if args.prompts else tiny_prompts(32, seed=int(time.time())))
+        print(f"seeded {len(seed_prompts(bus, texts, source='cli'))} prompts into {Topics().prompts}")
+        return
     if (args.run_dir / "stack.json").exists():
         sys.exit(f"a stack is already running from {args.run_dir} (see stack.json); run `make down` first")
     print("starting broker and services (the policy's vLLM engine takes about a minute on CPU)...", flush=True)
-    st = Stack(StackSpec(run_dir=args.run_dir)).start(detach=True)
+    st = Stack(StackSpec(run_dir=args.run_dir, default_ports=True)).start(detach=True)
     print(f"kafka     {st.bus.bootstrap}")
     for n in SERVICES:
         print(f"{n:<9} grpc {st.addrs[n]}  metrics http://127.0.0.1:{st.metrics_ports[n]}/metrics")
-    print(f"logs in {args.run_dir}/*.log; stop with `make down`")
+    print(f"logs in {args.run_dir}/*.log; send prompts with `make seed`; stop with `make down`")
 
 
 if __name__ == "__main__":

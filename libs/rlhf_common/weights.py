@@ -89,6 +89,15 @@ class WeightStore:
         m = json.loads((folder / MANIFEST).read_text())
         return Checkpoint(m["model_name"], m["version"], folder, m["sha256"], m["step"])
 
+    def prune(self, model_name: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` versions (keep=0: delete nothing); returns the deleted."""
+        if keep <= 0:
+            return []
+        old = self.versions(model_name)[:-keep]
+        for v in old:
+            shutil.rmtree(self.folder(model_name, v), ignore_errors=True)
+        return old
+
     def versions(self, model_name: str) -> list[int]:
         d = self.root / model_name
         if not d.exists():

@@ -35,6 +35,15 @@ def test_store_save_versions_and_digest(tmp_path):
     assert not list(tmp_path.glob("policy/*.tmp-*"))
 
 
+def test_prune_keeps_newest(tmp_path):
+    store = WeightStore(tmp_path)
+    for v in range(1, 6):
+        store.save(_Tiny(), None, "policy", v, step=v)
+    assert store.prune("policy", 0) == []
+    assert store.prune("policy", 2) == [1, 2, 3]
+    assert store.versions("policy") == [4, 5]
+
+
 def test_verify_detects_corruption(tmp_path):
     c = WeightStore(tmp_path).save(_Tiny(), None, "policy", 1, step=1)
     f = c.path / "model.safetensors"

@@ -220,6 +220,7 @@ class Trainer:
             created_unix_ms=now_ms(),
         )
         producer.send(topic, self.cfg.model_name, update)
+        self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
         self.version = ckpt.version
         self.metrics.version.set(self.version)
         self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t)
