@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WeightsCorrupt
@@ -56,6 +56,8 @@ class Checkpoint:
     path: Path
     sha256: str
     step: int
+    # Free-form progress counters saved with the weights (e.g. groups consumed).
+    extra: dict = field(default_factory=dict, compare=False)
 
 
 class WeightStore:
@@ -65,7 +67,8 @@ class WeightStore:
     def folder(self, model_name: str, version: int) -> Path:
         return self.root / model_name / f"v{version:08d}"
 
-    def save(self, model, tokenizer, model_name: str, version: int, step: int) -> Checkpoint:
+    def save(self, model, tokenizer, model_name: str, version: int, step: int,
+             extra: dict | None = None) -> Checkpoint:
         """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint."""
         final = self.folder(model_name, version)
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
@@ -78,16 +81,16 @@ class WeightStore:
         sha = digest(tmp)
         (tmp / MANIFEST).write_text(json.dumps(
             {"model_name": model_name, "version": version, "step": step, "sha256": sha,
-             "created_unix_ms": int(time.time() * 1000)}, indent=2))
+             "created_unix_ms": int(time.time() * 1000), "extra": extra or {}}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return Checkpoint(model_name, version, final, sha, step)
+        return Checkpoint(model_name, version, final, sha, step, extra or {})
 
     def load_manifest(self, model_name: str, version: int) -> Checkpoint:
         folder = self.folder(model_name, version)
         m = json.loads((folder / MANIFEST).read_text())
-        return Checkpoint(m["model_name"], m["version"], folder, m["sha256"], m["step"])
+        return Checkpoint(m["model_name"], m["version"], folder, m["sha256"], m["step"], m.get("extra", {}))
 
     def prune(self, model_name: str, keep: int) -> list[int]:
         """Delete all but the newest `keep` versions (keep=0: delete nothing); returns the deleted."""
@@ -97,6 +100,13 @@ class WeightStore:
         for v in old:
             shutil.rmtree(self.folder(model_name, v), ignore_errors=True)
         return old
+
+    def latest(self, model_name: str) -> Checkpoint | None:
+        """The newest complete version (one with a manifest), or None."""
+        for v in reversed(self.versions(model_name)):
+            if (self.folder(model_name, v) / MANIFEST).exists():
+                return self.load_manifest(model_name, v)
+        return None
 
     def versions(self, model_name: str) -> list[int]:
         d = self.root / model_name

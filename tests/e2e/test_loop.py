@@ -121,3 +121,38 @@ def test_policy_after_update_equals_transformers_on_saved_weights(loop_run):
         assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-3
         checked += 1
     assert checked == 4
+
+
+@pytest.mark.parametrize("sampling,needle", [
+    (policy_pb2.SamplingParams(temperature=-1.0), "temperature=-1.0"),
+    (policy_pb2.SamplingParams(max_tokens=100000), "max_tokens=100000"),
+    (policy_pb2.SamplingParams(n=65), "n=65"),
+    (policy_pb2.SamplingParams(top_k=-3), "top_k=-3"),
+])
+def test_policy_rejects_bad_sampling_and_keeps_serving(loop_run, sampling, needle):
+    _, _, _, _, policy = loop_run
+    with pytest.raises(grpc.RpcError) as e:
+        policy.Generate(policy_pb2.GenerateRequest(prompt="Hello", sampling=sampling))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+    ok = policy.Generate(policy_pb2.GenerateRequest(prompt="Hello", sampling=policy_pb2.SamplingParams(max_tokens=2)))
+    assert len(ok.completions) == 1 and len(ok.completions[0].token_ids) >= 1
+
+
+def test_policy_rejects_empty_prompt(loop_run):
+    _, _, _, _, policy = loop_run
+    with pytest.raises(grpc.RpcError) as e:
+        policy.Generate(policy_pb2.GenerateRequest(prompt=""))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_trainer_metrics_describe_the_run(loop_run):
+    st, _, status, _, _ = loop_run
+    text = scrape(st.metrics_ports["trainer"])
+    assert metric_value(text, "rlhf_trainer_step") == EXPECTED_STEPS
+    assert metric_value(text, "rlhf_trainer_published_version") == status.version
+    assert metric_value(text, "rlhf_trainer_rollouts_consumed_total") == N_PROMPTS * GROUP
+    assert metric_value(text, "rlhf_trainer_rollout_version_lag_count") == N_PROMPTS * GROUP
+    assert metric_value(text, "rlhf_trainer_kl_nats") == pytest.approx(status.recent[-1].kl)
+    for phase in ("wait", "scoring", "training", "sync"):
+        assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": phase}) == EXPECTED_STEPS

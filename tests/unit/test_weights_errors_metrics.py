@@ -35,6 +35,15 @@ def test_store_save_versions_and_digest(tmp_path):
     assert not list(tmp_path.glob("policy/*.tmp-*"))
 
 
+def test_latest_skips_incomplete_versions_and_keeps_extra(tmp_path):
+    store = WeightStore(tmp_path)
+    assert store.latest("policy") is None
+    store.save(_Tiny(), None, "policy", 1, step=4, extra={"groups_consumed": 8})
+    (tmp_path / "policy" / "v00000002").mkdir()  # a version folder without a manifest
+    latest = store.latest("policy")
+    assert latest.version == 1 and latest.step == 4 and latest.extra == {"groups_consumed": 8}
+
+
 def test_prune_keeps_newest(tmp_path):
     store = WeightStore(tmp_path)
     for v in range(1, 6):

@@ -54,17 +54,24 @@ class WeightSubscriber(_Loop):
         self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
         self.groups_consumed = 0  # as last announced by the trainer
         self.progress = threading.Condition()
+        # Set once the updates already on the topic have been read (the compacted topic
+        # holds the latest one), so the rollout worker knows the trainer's progress.
+        self.caught_up = threading.Event()
 
     def loop_body(self) -> None:
         c = Consumer(self.bus, Topics(self.bus.topic_prefix).weights, events_pb2.WeightUpdate, group_id=None,
                      client_id="policy-weights")
         try:
             while not self.stopping.is_set():
+                got = False
                 for rec in c.poll(timeout_ms=200):
+                    got = True
                     u = rec.record
                     if u.model_name != self.cfg.model_name:
                         continue
                     self.apply(u)
+                if not got:
+                    self.caught_up.set()
         finally:
             c.close()
 
@@ -98,19 +105,30 @@ class RolloutWorker(_Loop):
         super().__init__("rollout-worker")
         self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
         self.weights = weights
+        # Groups this worker produced, counted on the trainer's scale: it starts at the
+        # trainer's progress when the worker starts (earlier groups are taken as consumed),
+        # so either side can restart without stalling the other.
         self.groups_emitted = 0
+
+    def _ahead(self) -> int:
+        return self.groups_emitted - self.weights.groups_consumed
 
     def _wait_for_trainer(self) -> bool:
         """Block while too far ahead of the trainer; False when stopping."""
         with self.weights.progress:
-            while self.groups_emitted - self.weights.groups_consumed >= self.cfg.max_groups_ahead:
-                self.metrics.groups_ahead.set(self.groups_emitted - self.weights.groups_consumed)
+            while self._ahead() >= self.cfg.max_groups_ahead:
+                self.metrics.groups_ahead.set(self._ahead())
                 if self.stopping.is_set():
                     return False
                 self.weights.progress.wait(timeout=0.2)
         return not self.stopping.is_set()
 
     def loop_body(self) -> None:
+        while not self.weights.caught_up.wait(timeout=0.2):
+            if self.stopping.is_set():
+                return
+        with self.weights.progress:
+            self.groups_emitted = self.weights.groups_consumed
         topics = Topics(self.bus.topic_prefix)
         c = Consumer(self.bus, topics.prompts, events_pb2.Prompt, group_id="rlhf-policy-rollout",
                      client_id="policy-rollout", id_of=lambda p: p.prompt_id)
@@ -151,5 +169,6 @@ class RolloutWorker(_Loop):
             out.send(topic, p.prompt_id, r, wait=False)
         out.flush()
         self.groups_emitted += 1
+        self.metrics.groups_ahead.set(self._ahead())
         self.metrics.rollouts.inc(len(gen.completions))
         self.metrics.generated_tokens.labels("rollout").inc(sum(len(c.token_ids) for c in gen.completions))

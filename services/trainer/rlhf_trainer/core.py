@@ -83,14 +83,26 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-        self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.store = WeightStore(cfg.weight_store)
         self.step = 0
         self.version = 0
         self.rollouts_consumed = 0
         self.groups_consumed = 0
+        start_from = cfg.model
+        latest = self.store.latest(cfg.model_name)
+        if latest is not None:
+            # Continue the version sequence from the last published weights, so that a
+            # restarted trainer never re-publishes a version the policy already serves.
+            # The optimizer state is not restored yet.
+            start_from = str(latest.path)
+            self.step, self.version = latest.step, latest.version
+            self.groups_consumed = int(latest.extra.get("groups_consumed", 0))
+            self.rollouts_consumed = int(latest.extra.get("rollouts_consumed", 0))
+            log.warning("continuing from published v%d (step %d) in %s; optimizer state starts fresh",
+                        latest.version, latest.step, latest.path)
+        self.model = AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.recent: collections.deque[StepStats] = collections.deque(maxlen=64)
         self.paused = threading.Event()
         self.stopping = threading.Event()
@@ -208,7 +220,9 @@ class Trainer:
 
     def publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
         t = time.perf_counter()
-        ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step)
+        ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step,
+                               extra={"groups_consumed": self.groups_consumed,
+                                      "rollouts_consumed": self.rollouts_consumed})
         update = events_pb2.WeightUpdate(
             model_name=self.cfg.model_name,
             version=ckpt.version,
