@@ -138,13 +138,7 @@ class Stack:
             ),
         }
         for name in SERVICES:
-            env = {**os.environ, **self.bus.to_env(), **self.configs[name].to_env(), **s.extra_env,
-                   "PYTHONUNBUFFERED": "1"}
-            log = open(s.run_dir / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"rlhf_{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            self._spawn(name)
         try:
             for name in SERVICES:
                 wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
@@ -154,6 +148,28 @@ class Stack:
         if detach:
             self.write_state()
         return self
+
+    def _spawn(self, name: str) -> None:
+        env = {**os.environ, **self.bus.to_env(), **self.configs[name].to_env(), **self.spec.extra_env,
+               "PYTHONUNBUFFERED": "1"}
+        with open(self.spec.run_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"rlhf_{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self, name: str) -> int:
+        """SIGKILL one service (and its children), as a crash would; returns its exit code."""
+        p = self.procs[name]
+        os.killpg(p.pid, signal.SIGKILL)
+        return p.wait()
+
+    def restart(self, name: str, health_timeout_s: float = 300.0) -> None:
+        """Start one service again with its original config and wait until it is healthy."""
+        if self.procs[name].poll() is None:
+            self.kill(name)
+        self._spawn(name)
+        wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], self.spec.run_dir / f"{name}.log")
 
     def write_state(self) -> None:
         state = {

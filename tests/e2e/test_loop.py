@@ -156,3 +156,31 @@ def test_trainer_metrics_describe_the_run(loop_run):
     assert metric_value(text, "rlhf_trainer_kl_nats") == pytest.approx(status.recent[-1].kl)
     for phase in ("wait", "scoring", "training", "sync"):
         assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": phase}) == EXPECTED_STEPS
+
+
+def test_zz_trainer_killed_and_restarted_continues_the_version_sequence(loop_run):
+    """Runs last: it changes the shared stack. kill -9 the trainer, restart it, send more prompts."""
+    st, _, status, _, policy = loop_run
+    assert st.kill("trainer") == -9
+    st.restart("trainer")
+    trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
+    after = trainer.Status(trainer_pb2.StatusRequest())
+    assert (after.version, after.step, after.groups_consumed) == (status.version, status.step,
+                                                                  status.groups_consumed)
+    more = seed_prompts(st.bus, tiny_prompts(2 * GROUPS_PER_STEP, seed=99))
+    deadline = time.monotonic() + 120
+    while after.step < EXPECTED_STEPS + 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = trainer.Status(trainer_pb2.StatusRequest())
+    assert after.step == EXPECTED_STEPS + 2 and after.version == status.version + 2
+    while policy.GetVersion(policy_pb2.GetVersionRequest()).version < after.version and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert policy.GetVersion(policy_pb2.GetVersionRequest()).version == after.version
+    rollouts = read_topic(st.bus, Topics().rollouts, events_pb2.Rollout,
+                          until=lambda rs: len(rs) >= (N_PROMPTS + len(more)) * GROUP)
+    new = [r for r in rollouts if r.prompt_id in set(more)]
+    assert len({(r.prompt_id, r.group_index) for r in new}) == len(more) * GROUP
+    assert all(r.policy_version >= status.version for r in new)
+    updates = read_topic(st.bus, Topics().weights, events_pb2.WeightUpdate,
+                         until=lambda us: len(us) >= EXPECTED_STEPS + 2)
+    assert [u.version for u in updates] == list(range(1, EXPECTED_STEPS + 3))
