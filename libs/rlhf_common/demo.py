@@ -22,6 +22,31 @@ from .models import tiny_prompts
 from .stack import Stack, StackSpec, seed_prompts
 
 
+def plot_curves(steps: list, path: Path) -> Path:
+    """Reward, KL and policy lag per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s.step for s in steps]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    axes[0].plot(x, [s.reward_mean for s in steps], color="tab:green")
+    axes[0].fill_between(x, [s.reward_mean - s.reward_std for s in steps],
+                         [s.reward_mean + s.reward_std for s in steps], color="tab:green", alpha=0.2)
+    axes[0].set_ylabel("reward (mean ± std)")
+    axes[1].plot(x, [s.kl for s in steps], color="tab:red")
+    axes[1].set_ylabel("KL to reference (nats)")
+    axes[2].step(x, [s.version_lag_mean for s in steps], color="tab:blue", where="mid")
+    axes[2].set_ylabel("rollout lag (versions)")
+    axes[2].set_xlabel("trainer step")
+    fig.suptitle("online GRPO on the local stack")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0, help="How long to train once the stack is up")
@@ -35,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"starting Kafka broker and the policy, reward, reference and trainer services "
           f"(logs in {args.run_dir}/*.log; vLLM takes about a minute to start on CPU)...", flush=True)
     t0 = time.monotonic()
-    with Stack(spec) as st:
-        print(f"stack up in {time.monotonic() - t0:.0f}s: kafka {st.bus.bootstrap}, "
-              + ", ".join(f"{n} {a}" for n, a in st.addrs.items()), flush=True)
+    st = Stack(spec).start(verbose=True)
+    try:
+        print(f"stack up in {time.monotonic() - t0:.0f}s (kafka {st.bus.bootstrap})", flush=True)
         trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
         policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
         seeded = len(seed_prompts(st.bus, tiny_prompts(64, seed=0), source="demo"))
@@ -46,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         shown = 0
         end = time.monotonic() + args.seconds
         last = None
+        history = []
         while time.monotonic() < end:
             status = trainer.Status(trainer_pb2.StatusRequest())
             served = policy.GetVersion(policy_pb2.GetVersionRequest()).version
@@ -57,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"{s.step_seconds:>6.2f}", flush=True)
                     shown = s.step
                     last = s
+                    history.append(s)
             # keep the prompt stream ahead of the trainer
             if seeded - status.groups_consumed < 32:
                 seeded += len(seed_prompts(st.bus, tiny_prompts(32, seed=seeded), source="demo"))
@@ -65,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"done: {status.step} steps, {status.rollouts_consumed} rollouts, weights v{status.version} "
               f"in {args.run_dir / 'weights'}", flush=True)
         if status.step == 0 or last is None:
-            sys.exit("the trainer made no step; see the logs above")
+            sys.exit(f"the trainer made no step; see {args.run_dir}/*.log")
+        print(f"curves: {plot_curves(history, args.run_dir / 'curves.png')}", flush=True)
+    finally:
+        st.stop()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ class TinyLlamaSpec:
     seed: int = 0
 
 
+def _quiet_transformers() -> None:
+    """Saving a 2 MB model needs no progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def build_tokenizer(vocab_size: int, seed: int = 0):
     """Train a byte-level BPE tokenizer locally and wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,6 +97,7 @@ def make_tiny_llama(out_dir: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) 
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
+    _quiet_transformers()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size, seed=spec.seed)
     config = LlamaConfig(
@@ -125,6 +133,7 @@ def make_tiny_reward_model(out_dir: str | Path, policy_dir: str | Path, seed: in
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
+    _quiet_transformers()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     base = json.loads((Path(policy_dir) / "config.json").read_text())

@@ -103,7 +103,7 @@ class Stack:
         if self.spec.reward_model is None:
             self.spec.reward_model = make_tiny_reward_model(models / "tiny-reward", self.spec.policy_model)
 
-    def start(self, detach: bool = False, health_timeout_s: float = 300.0) -> "Stack":
+    def start(self, detach: bool = False, health_timeout_s: float = 300.0, verbose: bool = False) -> "Stack":
         s = self.spec
         s.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_models()
@@ -139,9 +139,12 @@ class Stack:
         }
         for name in SERVICES:
             self._spawn(name)
+        t0 = time.monotonic()
         try:
             for name in SERVICES:
                 wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
+                if verbose:
+                    print(f"  {name:<9} ready at {self.addrs[name]} after {time.monotonic() - t0:.0f}s", flush=True)
         except BaseException:
             self.stop()
             raise
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.run_dir / "stack.json").exists():
         sys.exit(f"a stack is already running from {args.run_dir} (see stack.json); run `make down` first")
     print("starting broker and services (the policy's vLLM engine takes about a minute on CPU)...", flush=True)
-    st = Stack(StackSpec(run_dir=args.run_dir, default_ports=True)).start(detach=True)
+    st = Stack(StackSpec(run_dir=args.run_dir, default_ports=True)).start(detach=True, verbose=True)
     print(f"kafka     {st.bus.bootstrap}")
     for n in SERVICES:
         print(f"{n:<9} grpc {st.addrs[n]}  metrics http://127.0.0.1:{st.metrics_ports[n]}/metrics")

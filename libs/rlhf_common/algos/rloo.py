@@ -1,0 +1,21 @@
+"""RLOO: REINFORCE with a leave-one-out baseline inside each prompt's group."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rloo_advantages(rewards: torch.Tensor, group_ids: list[str]) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i, same group} r_j. A group of one gets advantage 0."""
+    adv = torch.zeros_like(rewards)
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    for idx in groups.values():
+        k = len(idx)
+        if k < 2:
+            continue
+        r = rewards[idx]
+        baseline = (r.sum() - r) / (k - 1)
+        adv[idx] = r - baseline
+    return adv
