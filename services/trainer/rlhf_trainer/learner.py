@@ -1,0 +1,249 @@
+"""Policy optimisation steps on a transformers causal LM: GRPO, RLOO, PPO, DPO/IPO, SFT.
+
+Independent of Kafka and gRPC: the trainer service feeds it batches built from rollouts,
+and the learning tests feed it batches sampled in-process. All maths lives in
+`rlhf_common.algos`; this module wires it to a model, an optimizer and minibatches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rlhf_common.algos.dpo import preference_loss, sequence_logprob
+from rlhf_common.algos.grpo import group_advantages, masked_mean
+from rlhf_common.algos.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from rlhf_common.algos.logprobs import pack_sequences, token_logprobs
+from rlhf_common.algos.ppo import (entropy, gae, kl_shaped_rewards, policy_loss, truncated_is_weights,
+                                   value_loss, whiten)
+from rlhf_common.algos.rloo import rloo_advantages
+from rlhf_common.algos.sft import sft_loss
+
+Algorithm = Literal["grpo", "rloo", "ppo"]
+
+
+@dataclass
+class LearnerConfig:
+    algorithm: Algorithm = "grpo"
+    lr: float = 1e-4
+    kl_beta: float = 0.05
+    # None: fixed beta. A number: adaptive beta that tracks this KL (nats per token).
+    kl_target: float | None = None
+    kl_horizon: int = 10_000
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # "loss": beta * KL per token added to the loss (GRPO default).
+    # "reward": -beta * KL per token folded into the reward (PPO/RLOO default).
+    kl_in: Literal["loss", "reward"] = "loss"
+    clip_eps: float = 0.2
+    epochs: int = 1
+    minibatch_size: int = 0  # 0: the whole batch
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    is_cap: float = 2.0  # truncated importance-sampling cap (behaviour vs old policy)
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RolloutBatch:
+    """One optimisation batch. Lists are per sample; token lists are (T_i,)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    behaviour_logprobs: list[list[float]]  # from the sampler (vLLM) at the rollout's version
+    ref_logprobs: list[list[float]]  # from the frozen reference
+    scores: list[float]  # reward-model score per sample
+    group_ids: list[str]  # prompt id: samples of one prompt form a group
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kl: float  # mean per-token KL to the reference before the update (chosen estimator)
+    entropy: float
+    clip_fraction: float
+    value_loss: float
+    is_weight_mean: float
+    beta: float
+    extra: dict = field(default_factory=dict)
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h.float()).squeeze(-1)
+
+
+def _scatter(rows: list[list[float]], prompts: list[list[int]], shape: torch.Size) -> torch.Tensor:
+    """Place per-response-token values at their shifted-target positions in a (B, L-1) tensor."""
+    out = torch.zeros(shape)
+    for i, (p, vals) in enumerate(zip(prompts, rows)):
+        s = len(p) - 1
+        out[i, s:s + len(vals)] = torch.tensor(list(vals), dtype=torch.float32)
+    return out
+
+
+class PolicyLearner:
+    def __init__(self, model, cfg: LearnerConfig, pad_id: int):
+        self.model = model
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.value_head = ValueHead(model.config.hidden_size) if cfg.algorithm == "ppo" else None
+        params = list(model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
+                       if cfg.kl_target is not None else FixedKLController(cfg.kl_beta))
+        self.rng = random.Random(cfg.seed)
+        self.updates = 0
+
+    # -- forward ------------------------------------------------------------------------
+    def _forward(self, input_ids, attn, want_values: bool):
+        out = self.model(input_ids=input_ids, attention_mask=attn, output_hidden_states=want_values)
+        logp = token_logprobs(out.logits, input_ids)
+        values = self.value_head(out.hidden_states[-1][:, :-1]) if want_values else None
+        return logp, out.logits[:, :-1], values
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self, batch: RolloutBatch) -> StepResult:
+        cfg = self.cfg
+        input_ids, attn, mask = pack_sequences(batch.prompts, batch.responses, self.pad_id)
+        behaviour = _scatter(batch.behaviour_logprobs, batch.prompts, mask.shape)
+        ref = _scatter(batch.ref_logprobs, batch.prompts, mask.shape)
+        scores = torch.tensor(batch.scores, dtype=torch.float32)
+        is_ppo = cfg.algorithm == "ppo"
+        with torch.no_grad():
+            old_logp, _, old_values = self._forward(input_ids, attn, want_values=is_ppo)
+            kl_old = kl_per_token(old_logp, ref, cfg.kl_estimator) * mask
+            beta = self.kl_ctl.beta
+            if cfg.algorithm == "grpo":
+                seq_scores = scores - (beta * kl_old.sum(-1) if cfg.kl_in == "reward" else 0.0)
+                adv = group_advantages(seq_scores, batch.group_ids).unsqueeze(-1) * mask
+            elif cfg.algorithm == "rloo":
+                seq_scores = scores - (beta * kl_old.sum(-1) if cfg.kl_in == "reward" else 0.0)
+                adv = rloo_advantages(seq_scores, batch.group_ids).unsqueeze(-1) * mask
+            else:
+                token_rewards = kl_shaped_rewards(scores, kl_old if cfg.kl_in == "reward" else torch.zeros_like(
+                    kl_old), mask, beta)
+                adv, returns = gae(token_rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
+                adv = whiten(adv, mask)
+            is_w = truncated_is_weights(old_logp, behaviour, cfg.is_cap) * mask
+
+        B = input_ids.shape[0]
+        mb = cfg.minibatch_size or B
+        totals = {"loss": 0.0, "clip": 0.0, "vloss": 0.0, "ent": 0.0, "n": 0}
+        for _ in range(cfg.epochs):
+            order = list(range(B))
+            self.rng.shuffle(order)
+            for start in range(0, B, mb):
+                idx = torch.tensor(order[start:start + mb])
+                logp, logits, values = self._forward(input_ids[idx], attn[idx], want_values=is_ppo)
+                m = mask[idx]
+                pl = policy_loss(logp, old_logp[idx], adv[idx], m, cfg.clip_eps, is_weights=is_w[idx])
+                loss = pl.loss
+                if cfg.kl_in == "loss" and beta > 0:
+                    loss = loss + beta * masked_mean(kl_per_token(logp, ref[idx], cfg.kl_estimator), m)
+                vl = torch.zeros(())
+                if is_ppo:
+                    vl = value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vl
+                ent = entropy(logits, m)
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * ent
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.updates += 1
+                totals["loss"] += float(loss.detach())
+                totals["clip"] += float(pl.clip_fraction)
+                totals["vloss"] += float(vl.detach())
+                totals["ent"] += float(ent.detach())
+                totals["n"] += 1
+        kl_mean = float(masked_mean(kl_old, mask))
+        self.kl_ctl.update(kl_mean, 1)
+        n = max(1, totals["n"])
+        return StepResult(loss=totals["loss"] / n, kl=kl_mean, entropy=totals["ent"] / n,
+                          clip_fraction=totals["clip"] / n, value_loss=totals["vloss"] / n,
+                          is_weight_mean=float(masked_mean(is_w, mask)), beta=beta)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "value_head": self.value_head.state_dict() if self.value_head else None,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "rng": self.rng.getstate(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.value_head is not None and state.get("value_head") is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.rng.setstate(state["rng"])
+        self.updates = int(state["updates"])
+
+
+@dataclass
+class PreferenceBatch:
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    ref_chosen: list[float]  # reference sequence log-probs of the chosen responses, (B,)
+    ref_rejected: list[float]
+
+
+class PreferenceLearner:
+    """DPO / IPO on preference pairs."""
+
+    def __init__(self, model, lr: float, pad_id: int, beta: float = 0.1, kind: Literal["dpo", "ipo"] = "dpo",
+                 max_grad_norm: float = 1.0):
+        self.model, self.pad_id, self.beta, self.kind = model, pad_id, beta, kind
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        input_ids, attn, mask = pack_sequences(prompts, responses, self.pad_id)
+        logp = token_logprobs(self.model(input_ids=input_ids, attention_mask=attn).logits, input_ids)
+        return sequence_logprob(logp, mask)
+
+    def step(self, batch: PreferenceBatch) -> dict:
+        n = len(batch.prompts)
+        both = self.sequence_logprobs(batch.prompts + batch.prompts, batch.chosen + batch.rejected)
+        out = preference_loss(both[:n], both[n:], torch.tensor(batch.ref_chosen), torch.tensor(batch.ref_rejected),
+                              beta=self.beta, kind=self.kind)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return {"loss": float(out.loss.detach()), "accuracy": float(out.accuracy),
+                "chosen_reward": float(out.chosen_reward), "rejected_reward": float(out.rejected_reward)}
+
+
+class SFTLearner:
+    def __init__(self, model, lr: float, pad_id: int, max_grad_norm: float = 1.0):
+        self.model, self.pad_id, self.max_grad_norm = model, pad_id, max_grad_norm
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step(self, prompts: list[list[int]], responses: list[list[int]]) -> float:
+        input_ids, attn, mask = pack_sequences(prompts, responses, self.pad_id)
+        logp = token_logprobs(self.model(input_ids=input_ids, attention_mask=attn).logits, input_ids)
+        loss = sft_loss(logp, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return float(loss.detach())
