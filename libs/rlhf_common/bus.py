@@ -194,6 +194,18 @@ class Consumer(Generic[M]):
         if offsets:
             self._c.commit(offsets)
 
+    def seek(self, offsets: dict[int, int]) -> None:
+        """Continue from explicit next-offsets by partition number (e.g. from a checkpoint)."""
+        for p, o in offsets.items():
+            self._c.seek(TopicPartition(self.topic, p), o)
+
+    def remember(self, ids) -> None:
+        """Treat these record ids as already handled (e.g. restored from a checkpoint)."""
+        for rid in ids:
+            self._seen[rid] = None
+        while len(self._seen) > self._dedup_window:
+            self._seen.popitem(last=False)
+
     def commit_offsets(self, offsets: dict[int, int]) -> None:
         """Commit explicit next-offsets by partition number."""
         if offsets:

@@ -69,6 +69,18 @@ class TrainerMetrics(RpcMetrics):
         self.loss = Gauge("rlhf_trainer_loss", "Loss of the last step", registry=registry)
         self.response_length = Gauge("rlhf_trainer_response_length_mean", "Mean response length (tokens)",
                                      registry=registry)
+        self.entropy = Gauge("rlhf_trainer_entropy_nats", "Mean per-token policy entropy, last step", registry=registry)
+        self.clip_fraction = Gauge("rlhf_trainer_clip_fraction", "Share of tokens with a clipped ratio, last step",
+                                   registry=registry)
+        self.value_loss = Gauge("rlhf_trainer_value_loss", "PPO value loss, last step", registry=registry)
+        self.kl_beta = Gauge("rlhf_trainer_kl_beta", "KL penalty weight in force", registry=registry)
+        self.is_weight = Gauge("rlhf_trainer_is_weight_mean",
+                               "Mean truncated importance weight (trainer vs sampler log-probs), last step",
+                               registry=registry)
+        self.stale = Counter("rlhf_trainer_stale_rollouts_total", "Rollouts skipped for exceeding max staleness",
+                             registry=registry)
+        self.checkpoints = Counter("rlhf_trainer_checkpoints_total", "Training-state checkpoints saved",
+                                   registry=registry)
         self.rollouts = Counter("rlhf_trainer_rollouts_consumed_total", "Rollouts consumed", registry=registry)
         self.tokens = Counter("rlhf_trainer_trained_tokens_total", "Response tokens trained on", registry=registry)
         self.duplicates = Counter("rlhf_trainer_duplicate_rollouts_total", "Rollouts skipped as duplicates",

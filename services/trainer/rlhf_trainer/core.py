@@ -1,4 +1,13 @@
-"""The training loop, independent of gRPC: rollouts in, GRPO step, weights out."""
+"""The trainer loop, independent of gRPC: rollouts in, a policy update, weights out.
+
+Order of effects for every step (what makes a kill -9 at any point safe):
+  train -> save weights (new version folder) -> save training state (names the version,
+  the offsets to continue from, the trained rollout ids) -> publish WeightUpdate ->
+  commit consumer-group offsets (informational: the checkpoint's offsets are the truth).
+On start, the newest training state is loaded, the consumer seeks to its offsets, and its
+version is announced again (the policy ignores versions it already serves). New versions
+are numbered after the newest one in the weight store, so a version number is never reused.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +16,25 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rlhf.events.v1 import events_pb2
 
-from rlhf_common.algos.grpo import group_advantages, grpo_loss
-from rlhf_common.algos.logprobs import pack_sequences, token_logprobs
 from rlhf_common.bus import Consumer, Producer, Received, now_ms
 from rlhf_common.config import BusConfig, TrainerConfig
 from rlhf_common.metrics import TrainerMetrics
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
+from .checkpoint import CheckpointStore, TrainerState
 from .clients import ReferenceClient, RewardClient
+from .learner import LearnerConfig, PolicyLearner, RolloutBatch
 
 log = logging.getLogger(__name__)
+
+TRAINED_IDS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,9 @@ class StepStats:
     kl: float
     loss: float
     clip_fraction: float
+    entropy: float
+    value_loss: float
+    kl_beta: float
     response_length_mean: float
     version_lag_mean: float
     step_seconds: float
@@ -61,7 +76,7 @@ class GroupBuffer:
         return out
 
     def safe_offsets(self, taken: list[Received]) -> dict[int, int]:
-        """Per partition, the offset to commit so that no un-trained rollout is skipped on restart."""
+        """Per partition, the offset to continue from so that no un-trained rollout is skipped."""
         held: dict[int, int] = {}
         for group in [*self.pending.values(), *self.complete]:
             for r in group:
@@ -74,6 +89,15 @@ class GroupBuffer:
         return out
 
 
+def learner_config(cfg: TrainerConfig) -> LearnerConfig:
+    return LearnerConfig(
+        algorithm=cfg.algorithm, lr=cfg.lr, kl_beta=cfg.kl_beta, kl_target=cfg.kl_target or None,
+        kl_estimator=cfg.kl_estimator, kl_in=cfg.kl_in, clip_eps=cfg.clip_eps, epochs=cfg.epochs,
+        minibatch_size=cfg.minibatch_size, gamma=cfg.gamma, lam=cfg.lam, vf_coef=cfg.vf_coef,
+        entropy_coef=cfg.entropy_coef, is_cap=cfg.is_cap, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, bus: BusConfig, metrics: TrainerMetrics):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,27 +108,36 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.store = WeightStore(cfg.weight_store)
+        self.checkpoints = CheckpointStore(Path(cfg.weight_store) / f"{cfg.model_name}-trainer-state",
+                                           keep=cfg.keep_checkpoints)
         self.step = 0
         self.version = 0
         self.rollouts_consumed = 0
         self.groups_consumed = 0
-        start_from = cfg.model
-        latest = self.store.latest(cfg.model_name)
-        if latest is not None:
-            # Continue the version sequence from the last published weights, so that a
-            # restarted trainer never re-publishes a version the policy already serves.
-            # The optimizer state is not restored yet.
-            start_from = str(latest.path)
-            self.step, self.version = latest.step, latest.version
-            self.groups_consumed = int(latest.extra.get("groups_consumed", 0))
-            self.rollouts_consumed = int(latest.extra.get("rollouts_consumed", 0))
-            log.warning("continuing from published v%d (step %d) in %s; optimizer state starts fresh",
-                        latest.version, latest.step, latest.path)
-        self.model = AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32)
+        self.offsets: dict[int, int] = {}
+        self.trained_ids: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        self.resumed_from: TrainerState | None = self.checkpoints.latest()
+        st = self.resumed_from
+        self.model = AutoModelForCausalLM.from_pretrained(st.weights_path if st else cfg.model, dtype=torch.float32)
         self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.learner = PolicyLearner(self.model, learner_config(cfg), self.pad_id)
+        if st is not None:
+            self.learner.load_state_dict(st.learner)
+            torch.set_rng_state(st.torch_rng)
+            self.step, self.version = st.step, st.version
+            self.groups_consumed, self.rollouts_consumed = st.groups_consumed, st.rollouts_consumed
+            self.offsets = dict(st.offsets)
+            self.trained_ids.extend(st.trained_ids)
+            log.info("resumed from step %d (v%d), offsets %s", st.step, st.version, st.offsets)
+        newest = self.store.latest(cfg.model_name)
+        if newest is not None and newest.version > self.version:
+            log.warning("weights up to v%d exist beyond the training state (v%d); numbering continues after them",
+                        newest.version, self.version)
+            self.version = newest.version
         self.recent: collections.deque[StepStats] = collections.deque(maxlen=64)
         self.paused = threading.Event()
+        # Held while the model and optimizer change, so a Checkpoint RPC sees a consistent state.
+        self._state_lock = threading.Lock()
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -123,7 +156,13 @@ class Trainer:
         topics = Topics(self.bus.topic_prefix)
         consumer = Consumer(self.bus, topics.rollouts, events_pb2.Rollout, group_id=self.cfg.group_id,
                             client_id="trainer", id_of=lambda r: r.rollout_id)
+        if self.resumed_from is not None:
+            consumer.seek(self.offsets)
+            consumer.remember(self.trained_ids)
         producer = Producer(self.bus, client_id="trainer")
+        if self.resumed_from is not None:
+            st = self.resumed_from
+            self._announce(producer, topics.weights, st.version, st.weights_path, st.weights_sha256)
         reward = RewardClient(self.cfg.reward_addr)
         reference = ReferenceClient(self.cfg.reference_addr)
         buf = GroupBuffer()
@@ -145,11 +184,17 @@ class Trainer:
                 self.metrics.phase_seconds.labels("wait").observe(time.perf_counter() - t_wait)
                 groups = buf.take(self.cfg.groups_per_step)
                 taken = [r for g in groups for r in g]
-                stats = self.train_step([r.record for r in taken], reward, reference)
+                fresh = [r.record for g in groups if self.version - g[0].record.policy_version
+                         <= self.cfg.max_staleness for r in g]
+                self.metrics.stale.inc(len(taken) - len(fresh))
                 self.groups_consumed += len(groups)
-                self.publish(producer, topics.weights, stats)
-                # Offsets move only once the new weights are saved and announced.
-                consumer.commit_offsets(buf.safe_offsets(taken))
+                self.offsets.update(buf.safe_offsets(taken))
+                self.trained_ids.extend(r.record.rollout_id for r in taken)
+                if fresh:
+                    with self._state_lock:
+                        stats = self.train_step(fresh, reward, reference)
+                        self.save_and_publish(producer, topics.weights, stats)
+                consumer.commit_offsets(self.offsets)
         finally:
             consumer.close()
             producer.close()
@@ -169,42 +214,25 @@ class Trainer:
         self.metrics.phase_seconds.labels("scoring").observe(time.perf_counter() - t)
 
         t = time.perf_counter()
-        rewards = torch.tensor(scores, dtype=torch.float32)
-        adv = group_advantages(rewards, [r.prompt_id for r in rollouts])
-        input_ids, attn, mask = pack_sequences(prompts, responses, self.pad_id)
-        behaviour = torch.zeros_like(mask)
-        ref = torch.zeros_like(mask)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            s = len(p) - 1
-            behaviour[i, s:s + len(r)] = torch.tensor(list(rollouts[i].behaviour_logprobs), dtype=torch.float32)
-            ref[i, s:s + len(r)] = torch.tensor(ref_lps[i], dtype=torch.float32)
-        logits = self.model(input_ids=input_ids, attention_mask=attn).logits
-        logp = token_logprobs(logits, input_ids)
-        out = grpo_loss(logp, behaviour, ref, adv, mask, clip_eps=self.cfg.clip_eps, kl_beta=self.cfg.kl_beta)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+        res = self.learner.step(RolloutBatch(
+            prompts=prompts, responses=responses,
+            behaviour_logprobs=[list(r.behaviour_logprobs) for r in rollouts],
+            ref_logprobs=ref_lps, scores=scores, group_ids=[r.prompt_id for r in rollouts],
+        ))
         self.metrics.phase_seconds.labels("training").observe(time.perf_counter() - t)
 
         self.step += 1
-        new_version = self.version + 1
-        lags = [new_version - 1 - r.policy_version for r in rollouts]
+        lags = [self.version - r.policy_version for r in rollouts]
         for lag in lags:
             self.metrics.version_lag.observe(lag)
+        rewards = torch.tensor(scores)
         n_tokens = sum(len(r) for r in responses)
         stats = StepStats(
-            step=self.step,
-            version=new_version,
-            reward_mean=float(rewards.mean()),
-            reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0,
-            kl=float(out.kl),
-            loss=float(out.loss.detach()),
-            clip_fraction=float(out.clip_fraction),
-            response_length_mean=n_tokens / max(1, len(rollouts)),
-            version_lag_mean=sum(lags) / max(1, len(lags)),
-            step_seconds=time.perf_counter() - t0,
-            rollouts=len(rollouts),
+            step=self.step, version=self.version + 1, reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std()) if len(rewards) > 1 else 0.0, kl=res.kl, loss=res.loss,
+            clip_fraction=res.clip_fraction, entropy=res.entropy, value_loss=res.value_loss, kl_beta=res.beta,
+            response_length_mean=n_tokens / max(1, len(rollouts)), version_lag_mean=sum(lags) / max(1, len(lags)),
+            step_seconds=time.perf_counter() - t0, rollouts=len(rollouts),
         )
         self.rollouts_consumed += len(rollouts)
         m = self.metrics
@@ -214,31 +242,54 @@ class Trainer:
         m.reward_std.set(stats.reward_std)
         m.kl.set(stats.kl)
         m.loss.set(stats.loss)
+        m.entropy.set(stats.entropy)
+        m.clip_fraction.set(stats.clip_fraction)
+        m.value_loss.set(stats.value_loss)
+        m.kl_beta.set(self.learner.kl_ctl.beta)
+        m.is_weight.set(res.is_weight_mean)
         m.response_length.set(stats.response_length_mean)
         m.step.set(self.step)
         return stats
 
-    def publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
+    def _state(self, version: int, path: str, sha256: str) -> TrainerState:
+        return TrainerState(
+            step=self.step, version=version, weights_path=path, weights_sha256=sha256,
+            groups_consumed=self.groups_consumed, rollouts_consumed=self.rollouts_consumed,
+            offsets=dict(self.offsets), trained_ids=list(self.trained_ids), learner=self.learner.state_dict(),
+            torch_rng=torch.get_rng_state(),
+        )
+
+    def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
         t = time.perf_counter()
         ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step,
                                extra={"groups_consumed": self.groups_consumed,
                                       "rollouts_consumed": self.rollouts_consumed})
-        update = events_pb2.WeightUpdate(
-            model_name=self.cfg.model_name,
-            version=ckpt.version,
-            uri=str(ckpt.path),
-            format=events_pb2.WeightUpdate.FORMAT_FULL,
-            sha256=ckpt.sha256,
-            step=ckpt.step,
-            groups_consumed=self.groups_consumed,
-            created_unix_ms=now_ms(),
-        )
-        producer.send(topic, self.cfg.model_name, update)
-        self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
         self.version = ckpt.version
-        self.metrics.version.set(self.version)
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.checkpoints.save(self._state(ckpt.version, str(ckpt.path), ckpt.sha256))
+            self.metrics.checkpoints.inc()
+        self._announce(producer, topic, ckpt.version, str(ckpt.path), ckpt.sha256)
+        self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
         self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t)
         self.recent.append(stats)
-        log.info("step %d -> v%d reward %.4f±%.4f kl %.5f loss %.4f lag %.2f (%d rollouts, %.2fs)",
-                 stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.loss,
-                 stats.version_lag_mean, stats.rollouts, stats.step_seconds)
+        log.info("step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
+                 stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.kl_beta,
+                 stats.loss, stats.version_lag_mean, stats.rollouts, stats.step_seconds)
+
+    def _announce(self, producer: Producer, topic: str, version: int, path: str, sha256: str) -> None:
+        update = events_pb2.WeightUpdate(
+            model_name=self.cfg.model_name, version=version, uri=path, format=events_pb2.WeightUpdate.FORMAT_FULL,
+            sha256=sha256, step=self.step, groups_consumed=self.groups_consumed, created_unix_ms=now_ms(),
+        )
+        producer.send(topic, self.cfg.model_name, update)
+        self.metrics.version.set(version)
+
+    def checkpoint_now(self) -> Path:
+        """Save the full training state now (the Checkpoint RPC)."""
+        with self._state_lock:
+            return self._checkpoint_now()
+
+    def _checkpoint_now(self) -> Path:
+        latest = self.store.latest(self.cfg.model_name)
+        path, sha = (str(latest.path), latest.sha256) if latest else (self.cfg.model, "")
+        return self.checkpoints.save(self._state(self.version, path, sha))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from .core import Trainer
@@ -25,6 +27,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     step=s.step, version=s.version, reward_mean=s.reward_mean, reward_std=s.reward_std, kl=s.kl,
                     loss=s.loss, response_length_mean=s.response_length_mean,
                     version_lag_mean=s.version_lag_mean, step_seconds=s.step_seconds, rollouts=s.rollouts,
+                    clip_fraction=s.clip_fraction, entropy=s.entropy, value_loss=s.value_loss, kl_beta=s.kl_beta,
                 )
                 for s in list(t.recent)
             ],
@@ -40,3 +43,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def Resume(self, request, context) -> trainer_pb2.StatusResponse:
         self.trainer.paused.clear()
         return self._status()
+
+    async def Checkpoint(self, request, context) -> trainer_pb2.CheckpointResponse:
+        path = await asyncio.get_running_loop().run_in_executor(None, self.trainer.checkpoint_now)
+        return trainer_pb2.CheckpointResponse(path=str(path), step=self.trainer.step, version=self.trainer.version)
