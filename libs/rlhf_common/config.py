@@ -169,9 +169,15 @@ class ReferenceConfig(_Base):
     metrics_port: int = _f(9103, "RLHF_REFERENCE_METRICS_PORT", "Prometheus /metrics port (0 = off)")
     max_batch_items: int = _f(256, "RLHF_REFERENCE_MAX_BATCH_ITEMS", "Most items in one LogProbs request")
     torch_threads: int = _f(1, "RLHF_REFERENCE_TORCH_THREADS", "torch intra-op threads")
+    subscribe: bool = _f(True, "RLHF_REFERENCE_SUBSCRIBE",
+                         "Follow rlhf.weights (refresh events; needs Kafka at RLHF_KAFKA_BOOTSTRAP)")
+    refresh_every: int = _f(0, "RLHF_REFERENCE_REFRESH_EVERY",
+                            "Move to the newest policy weights once they are this many versions ahead (0 = never)")
+    policy_model_name: str = _f("policy", "RLHF_REFERENCE_POLICY_MODEL_NAME", "Policy name in rlhf.weights")
 
     def __post_init__(self):
         _check(bool(self.model), "RLHF_REFERENCE_MODEL", self.model, "must name a model folder")
+        _check(self.refresh_every >= 0, "RLHF_REFERENCE_REFRESH_EVERY", self.refresh_every, "must be >= 0")
         _check_port("RLHF_REFERENCE_PORT", self.port)
         _check_port("RLHF_REFERENCE_METRICS_PORT", self.metrics_port)
         _check(self.max_batch_items >= 1, "RLHF_REFERENCE_MAX_BATCH_ITEMS", self.max_batch_items, "must be >= 1")

@@ -55,6 +55,10 @@ class ReferenceMetrics(RpcMetrics):
     def __init__(self, registry: CollectorRegistry):
         super().__init__("rlhf_reference", registry)
         self.tokens = Counter("rlhf_reference_scored_tokens_total", "Response tokens scored", registry=registry)
+        self.version = Gauge("rlhf_reference_version", "Policy version the reference was taken from",
+                             registry=registry)
+        self.refreshes = Counter("rlhf_reference_refreshes_total", "Reference refreshes by trigger and outcome",
+                                 ["trigger", "outcome"], registry=registry)
 
 
 class TrainerMetrics(RpcMetrics):

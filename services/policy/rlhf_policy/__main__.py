@@ -13,6 +13,7 @@ from rlhf_common import metrics as metrics_mod
 from rlhf_common.bus import ensure_topics
 from rlhf_common.config import BusConfig, PolicyConfig
 from rlhf_common.grpc_server import Server, setup_logging
+from rlhf_common.loops import first_error
 
 from .core import PolicyEngine
 from .servicer import PolicyServicer
@@ -49,7 +50,7 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
 
     try:
         await server.run(on_stop=on_stop,
-                         watch=lambda: next((t.error for t in threads if t.error is not None), None))
+                         watch=lambda: first_error(threads))
     finally:
         engine.shutdown()
 

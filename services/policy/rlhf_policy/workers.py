@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import threading
@@ -18,6 +17,7 @@ from rlhf.events.v1 import events_pb2
 
 from rlhf_common.bus import Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig, PolicyConfig
+from rlhf_common.loops import BackgroundLoop
 from rlhf_common.metrics import PolicyMetrics
 from rlhf_common.topics import Topics
 
@@ -26,28 +26,7 @@ from .core import PolicyEngine, Sampling
 log = logging.getLogger(__name__)
 
 
-class _Loop(threading.Thread):
-    def __init__(self, name: str):
-        super().__init__(name=name, daemon=True)
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def run(self) -> None:
-        try:
-            self.loop_body()
-        except BaseException as e:  # surfaced through health and logs
-            self.error = e
-            log.exception("%s died", self.name)
-
-    @abc.abstractmethod
-    def loop_body(self) -> None:
-        """The thread's work; return when self.stopping is set."""
-
-
-class WeightSubscriber(_Loop):
+class WeightSubscriber(BackgroundLoop):
     def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
                  loop: asyncio.AbstractEventLoop):
         super().__init__("weight-subscriber")
@@ -99,7 +78,7 @@ class WeightSubscriber(_Loop):
             self.progress.notify_all()
 
 
-class RolloutWorker(_Loop):
+class RolloutWorker(BackgroundLoop):
     def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
                  loop: asyncio.AbstractEventLoop, weights: WeightSubscriber):
         super().__init__("rollout-worker")

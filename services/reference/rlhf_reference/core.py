@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from rlhf_common import weights
 from rlhf_common.algos.logprobs import response_logprobs
 from rlhf_common.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -17,12 +21,18 @@ class LogProbsItem:
     response_token_ids: list[int]
 
 
+def _load(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 class ReferenceModel:
     def __init__(self, model_dir: str, max_batch_items: int, version: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.model_dir = model_dir
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = _load(model_dir)
         tok = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.vocab_size = self.model.config.vocab_size
@@ -48,9 +58,32 @@ class ReferenceModel:
             if n > self.max_positions:
                 raise InvalidInput(f"items[{i}]: {n} tokens exceed the model's {self.max_positions} positions")
 
-    def logprobs(self, items: list[LogProbsItem]) -> list[list[float]]:
-        """Blocking: run it in an executor from async code."""
+    def logprobs(self, items: list[LogProbsItem]) -> tuple[list[list[float]], int]:
+        """Blocking: run it in an executor from async code. Returns (log-probs, version)."""
         self.validate(items)
         with self._lock, torch.inference_mode():
             return response_logprobs(self.model, [i.prompt_token_ids for i in items],
-                                     [i.response_token_ids for i in items], self.pad_id)
+                                     [i.response_token_ids for i in items], self.pad_id), self.version
+
+    def refresh(self, uri: str, version: int, sha256: str = "") -> bool:
+        """Load a newer checkpoint and swap it in. Blocking. False when `version` is not newer."""
+        if version <= self.version:
+            return False
+        try:
+            path = weights.local_path(uri)
+        except ValueError as e:
+            raise InvalidInput(f"uri: {e}") from None
+        if not (path / "config.json").exists():
+            raise InvalidInput(f"uri: {uri!r} is not a model folder (no config.json)")
+        if sha256:
+            weights.verify(path, sha256)
+        model = _load(str(path))  # off the lock: requests keep being served meanwhile
+        if model.config.vocab_size != self.vocab_size:
+            raise InvalidInput(f"uri: {uri!r} has vocab size {model.config.vocab_size}, the reference has "
+                               f"{self.vocab_size}")
+        with self._lock:
+            if version <= self.version:
+                return False
+            self.model, self.model_dir, self.version = model, str(path), version
+        log.info("reference refreshed to v%d from %s", version, path)
+        return True

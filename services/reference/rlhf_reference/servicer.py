@@ -6,6 +6,7 @@ import asyncio
 
 from rlhf.reference.v1 import reference_pb2, reference_pb2_grpc
 
+from rlhf_common.errors import InvalidInput
 from rlhf_common.metrics import ReferenceMetrics
 
 from .core import LogProbsItem, ReferenceModel
@@ -19,12 +20,24 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
     async def LogProbs(self, request: reference_pb2.LogProbsRequest, context) -> reference_pb2.LogProbsResponse:
         items = [LogProbsItem(list(i.prompt_token_ids), list(i.response_token_ids)) for i in request.items]
         self.model.validate(items)
-        lps = await asyncio.get_running_loop().run_in_executor(None, self.model.logprobs, items)
+        lps, version = await asyncio.get_running_loop().run_in_executor(None, self.model.logprobs, items)
         self.metrics.tokens.inc(sum(len(x) for x in lps))
         return reference_pb2.LogProbsResponse(
             results=[reference_pb2.TokenLogProbs(logprobs=x) for x in lps],
-            reference_version=self.model.version,
+            reference_version=version,
         )
 
     async def GetVersion(self, request, context) -> reference_pb2.GetVersionResponse:
+        return reference_pb2.GetVersionResponse(version=self.model.version, model_path=self.model.model_dir)
+
+    async def Refresh(self, request: reference_pb2.RefreshRequest, context) -> reference_pb2.GetVersionResponse:
+        if not request.uri:
+            raise InvalidInput("uri: required")
+        if request.version <= self.model.version:
+            raise InvalidInput(f"version={request.version}: must be above the current reference version "
+                               f"{self.model.version}")
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.model.refresh, request.uri, request.version, request.sha256)
+        self.metrics.refreshes.labels("rpc", "applied").inc()
+        self.metrics.version.set(self.model.version)
         return reference_pb2.GetVersionResponse(version=self.model.version, model_path=self.model.model_dir)
