@@ -219,6 +219,10 @@ class TrainerConfig(_Base):
                             "Skip rollout groups more than this many versions old (counted in a metric)")
     max_grad_norm: float = _f(1.0, "RLHF_TRAINER_MAX_GRAD_NORM", "Gradient clipping norm")
     max_steps: int = _f(0, "RLHF_TRAINER_MAX_STEPS", "Stop consuming after this many steps (0 = no limit)")
+    eval_prompts: str = _f("", "RLHF_TRAINER_EVAL_PROMPTS",
+                           "Held-out prompts (one per line, or JSONL with 'prompt'); never trained on")
+    eval_every: int = _f(0, "RLHF_TRAINER_EVAL_EVERY", "Evaluate every N steps (0 = never)")
+    eval_max_tokens: int = _f(32, "RLHF_TRAINER_EVAL_MAX_TOKENS", "New tokens per evaluation answer")
     checkpoint_every: int = _f(1, "RLHF_TRAINER_CHECKPOINT_EVERY",
                                "Save the full training state every N steps (weights are published every step)")
     keep_checkpoints: int = _f(2, "RLHF_TRAINER_KEEP_CHECKPOINTS", "Training-state checkpoints kept")
@@ -247,6 +251,10 @@ class TrainerConfig(_Base):
         _check(self.max_staleness >= 0, "RLHF_TRAINER_MAX_STALENESS", self.max_staleness, "must be >= 0")
         _check(self.max_grad_norm > 0, "RLHF_TRAINER_MAX_GRAD_NORM", self.max_grad_norm, "must be > 0")
         _check(self.keep_versions >= 0, "RLHF_TRAINER_KEEP_VERSIONS", self.keep_versions, "must be >= 0")
+        _check(self.eval_every >= 0, "RLHF_TRAINER_EVAL_EVERY", self.eval_every, "must be >= 0")
+        _check(not self.eval_every or bool(self.eval_prompts), "RLHF_TRAINER_EVAL_EVERY", self.eval_every,
+               "needs RLHF_TRAINER_EVAL_PROMPTS")
+        _check(self.eval_max_tokens >= 1, "RLHF_TRAINER_EVAL_MAX_TOKENS", self.eval_max_tokens, "must be >= 1")
         _check(self.checkpoint_every >= 1, "RLHF_TRAINER_CHECKPOINT_EVERY", self.checkpoint_every, "must be >= 1")
         _check(self.keep_versions == 0 or self.keep_versions > self.checkpoint_every, "RLHF_TRAINER_KEEP_VERSIONS",
                self.keep_versions, f"must be 0 or above RLHF_TRAINER_CHECKPOINT_EVERY={self.checkpoint_every}, "

@@ -85,6 +85,16 @@ class TrainerMetrics(RpcMetrics):
                              registry=registry)
         self.checkpoints = Counter("rlhf_trainer_checkpoints_total", "Training-state checkpoints saved",
                                    registry=registry)
+        self.eval_win_rate = Gauge("rlhf_trainer_eval_win_rate",
+                                   "Held-out win rate against the SFT policy, judged by the reward model",
+                                   registry=registry)
+        self.eval_kl = Gauge("rlhf_trainer_eval_kl_nats", "Held-out mean per-token KL to the reference",
+                             registry=registry)
+        self.eval_length = Gauge("rlhf_trainer_eval_response_length_mean", "Held-out mean answer length (tokens)",
+                                 registry=registry)
+        self.heldout_skipped = Counter("rlhf_trainer_heldout_rollouts_skipped_total",
+                                       "Rollouts not trained on because their prompt is held out",
+                                       registry=registry)
         self.rollouts = Counter("rlhf_trainer_rollouts_consumed_total", "Rollouts consumed", registry=registry)
         self.tokens = Counter("rlhf_trainer_trained_tokens_total", "Response tokens trained on", registry=registry)
         self.duplicates = Counter("rlhf_trainer_duplicate_rollouts_total", "Rollouts skipped as duplicates",

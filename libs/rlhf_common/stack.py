@@ -77,6 +77,8 @@ class StackSpec:
     trainer_lr: float = 1e-4
     kl_beta: float = 0.05
     trainer_max_steps: int = 0
+    eval_prompts: Path | None = None
+    eval_every: int = 0
     topic_prefix: str = "rlhf"
     # False: every port is picked free (tests). True: the documented defaults of each
     # service's config (Kafka 9092, gRPC 50051-50054, metrics 9101-9104), for `make up`.
@@ -130,6 +132,7 @@ class Stack:
                 metrics_port=ports["trainer"][1], reward_addr=self.addrs["reward"],
                 reference_addr=self.addrs["reference"], groups_per_step=s.groups_per_step, lr=s.trainer_lr,
                 kl_beta=s.kl_beta, max_steps=s.trainer_max_steps,
+                eval_prompts=str(s.eval_prompts or ""), eval_every=s.eval_every if s.eval_prompts else 0,
             ),
             "policy": PolicyConfig(
                 model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],

@@ -22,6 +22,7 @@ from tests.helpers import metric_value, read_topic, scrape
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_PROMPTS = 8
+HELDOUT = tiny_prompts(4, seed=555)
 GROUP = 4
 GROUPS_PER_STEP = 2
 EXPECTED_STEPS = N_PROMPTS // GROUPS_PER_STEP
@@ -30,8 +31,9 @@ EXPECTED_STEPS = N_PROMPTS // GROUPS_PER_STEP
 @pytest.fixture(scope="module")
 def loop_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stack")
+    (run_dir / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
     spec = StackSpec(run_dir=run_dir, rollout_n=GROUP, max_tokens=16, groups_per_step=GROUPS_PER_STEP,
-                     max_groups_ahead=4, trainer_lr=1e-4)
+                     max_groups_ahead=4, trainer_lr=1e-4, eval_prompts=run_dir / "heldout.txt", eval_every=2)
     with Stack(spec) as st:
         prompt_ids = seed_prompts(st.bus, tiny_prompts(N_PROMPTS, seed=7))
         trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
@@ -159,6 +161,26 @@ def test_trainer_metrics_describe_the_run(loop_run):
         assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": phase}) == EXPECTED_STEPS
 
 
+def test_heldout_evaluation_reported(loop_run):
+    import json
+
+    st, _, _, trainer, _ = loop_run
+    deadline = time.monotonic() + 60
+    status = trainer.Status(trainer_pb2.StatusRequest())
+    while status.last_eval.step < EXPECTED_STEPS and time.monotonic() < deadline:  # eval follows the step
+        time.sleep(0.2)
+        status = trainer.Status(trainer_pb2.StatusRequest())
+    e = status.last_eval
+    assert status.HasField("last_eval") and e.step == EXPECTED_STEPS and e.version == status.version
+    assert e.prompts == len(HELDOUT) and 0.0 <= e.win_rate <= 1.0
+    assert math.isfinite(e.kl) and e.kl > 0 and e.response_length > 0
+    lines = [json.loads(x) for x in (st.spec.run_dir / "weights" / "policy-eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    text = scrape(st.metrics_ports["trainer"])
+    assert metric_value(text, "rlhf_trainer_eval_win_rate") == pytest.approx(e.win_rate)
+    assert metric_value(text, "rlhf_trainer_eval_kl_nats") == pytest.approx(e.kl)
+
+
 def test_zz_trainer_killed_and_restarted_continues_the_version_sequence(loop_run):
     """Runs last: it changes the shared stack. kill -9 the trainer, restart it, send more prompts."""
     st, _, status, _, policy = loop_run
@@ -168,19 +190,24 @@ def test_zz_trainer_killed_and_restarted_continues_the_version_sequence(loop_run
     after = trainer.Status(trainer_pb2.StatusRequest())
     assert (after.version, after.step, after.groups_consumed) == (status.version, status.step,
                                                                   status.groups_consumed)
+    heldout = seed_prompts(st.bus, HELDOUT[:1])  # answered by the policy, never trained on
     more = seed_prompts(st.bus, tiny_prompts(2 * GROUPS_PER_STEP, seed=99))
     deadline = time.monotonic() + 120
     while after.step < EXPECTED_STEPS + 2 and time.monotonic() < deadline:
         time.sleep(0.5)
         after = trainer.Status(trainer_pb2.StatusRequest())
     assert after.step == EXPECTED_STEPS + 2 and after.version == status.version + 2
-    # nothing lost and nothing trained twice: exactly the rollouts of every prompt, once
-    assert after.rollouts_consumed == (N_PROMPTS + len(more)) * GROUP
+    # nothing lost and nothing trained twice: every rollout of every prompt, once. The
+    # held-out group shares the first batch with more[0], so more[-1] is still waiting.
+    assert after.rollouts_consumed == (N_PROMPTS + len(more) - 1) * GROUP
+    assert metric_value(scrape(st.metrics_ports["trainer"]),
+                        "rlhf_trainer_heldout_rollouts_skipped_total") == GROUP
     while policy.GetVersion(policy_pb2.GetVersionRequest()).version < after.version and time.monotonic() < deadline:
         time.sleep(0.2)
     assert policy.GetVersion(policy_pb2.GetVersionRequest()).version == after.version
     rollouts = read_topic(st.bus, Topics().rollouts, events_pb2.Rollout,
-                          until=lambda rs: len(rs) >= (N_PROMPTS + len(more)) * GROUP)
+                          until=lambda rs: len(rs) >= (N_PROMPTS + len(more) + 1) * GROUP)
+    assert {r.prompt_id for r in rollouts} >= set(heldout)
     new = [r for r in rollouts if r.prompt_id in set(more)]
     assert len({(r.prompt_id, r.group_index) for r in new}) == len(more) * GROUP
     assert all(r.policy_version >= status.version for r in new)

@@ -135,6 +135,8 @@ class Trainer:
                         newest.version, self.version)
             self.version = newest.version
         self.recent: collections.deque[StepStats] = collections.deque(maxlen=64)
+        self.evaluator = None
+        self.last_eval = None
         self.paused = threading.Event()
         # Held while the model and optimizer change, so a Checkpoint RPC sees a consistent state.
         self._state_lock = threading.Lock()
@@ -165,6 +167,7 @@ class Trainer:
             self._announce(producer, topics.weights, st.version, st.weights_path, st.weights_sha256)
         reward = RewardClient(self.cfg.reward_addr)
         reference = ReferenceClient(self.cfg.reference_addr)
+        self.evaluator = self._make_evaluator(reward)
         buf = GroupBuffer()
         try:
             while not self.stopping.is_set():
@@ -187,6 +190,10 @@ class Trainer:
                 fresh = [r.record for g in groups if self.version - g[0].record.policy_version
                          <= self.cfg.max_staleness for r in g]
                 self.metrics.stale.inc(len(taken) - len(fresh))
+                if self.evaluator is not None:
+                    kept = [r for r in fresh if r.prompt_text not in self.evaluator.heldout]
+                    self.metrics.heldout_skipped.inc(len(fresh) - len(kept))
+                    fresh = kept
                 self.groups_consumed += len(groups)
                 self.offsets.update(buf.safe_offsets(taken))
                 self.trained_ids.extend(r.record.rollout_id for r in taken)
@@ -194,6 +201,8 @@ class Trainer:
                     with self._state_lock:
                         stats = self.train_step(fresh, reward, reference)
                         self.save_and_publish(producer, topics.weights, stats)
+                    if self.evaluator is not None and self.step % self.cfg.eval_every == 0:
+                        self.run_eval(reward, reference)
                 consumer.commit_offsets(self.offsets)
         finally:
             consumer.close()
@@ -250,6 +259,33 @@ class Trainer:
         m.response_length.set(stats.response_length_mean)
         m.step.set(self.step)
         return stats
+
+    def _make_evaluator(self, reward: RewardClient):
+        if not self.cfg.eval_every:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        from .evaluation import Evaluator, load_prompts
+
+        # The baseline is the initial (SFT) policy, also after a resume.
+        sft = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
+        ev = Evaluator(load_prompts(self.cfg.eval_prompts), self.tokenizer, sft, reward,
+                       self.cfg.eval_max_tokens, Path(self.cfg.weight_store) / f"{self.cfg.model_name}-eval.jsonl",
+                       seed=self.cfg.seed + 1234)
+        log.info("evaluating every %d steps on %d held-out prompts", self.cfg.eval_every, len(ev.texts))
+        return ev
+
+    def run_eval(self, reward: RewardClient, reference: ReferenceClient) -> None:
+        t = time.perf_counter()
+        res = self.evaluator.evaluate(self.model, reward, reference, self.step, self.version)
+        self.last_eval = res
+        self.metrics.eval_win_rate.set(res.win_rate)
+        self.metrics.eval_kl.set(res.kl)
+        self.metrics.eval_length.set(res.response_length)
+        self.metrics.phase_seconds.labels("eval").observe(time.perf_counter() - t)
+        log.info("eval at step %d (v%d): win rate %.3f vs SFT, KL %.4f nats, length %.1f, reward %.4f (SFT %.4f)",
+                 res.step, res.version, res.win_rate, res.kl, res.response_length, res.reward_mean,
+                 res.baseline_reward_mean)
 
     def _state(self, version: int, path: str, sha256: str) -> TrainerState:
         return TrainerState(

@@ -15,7 +15,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def _status(self) -> trainer_pb2.StatusResponse:
         t = self.trainer
+        e = t.last_eval
+        last_eval = None if e is None else trainer_pb2.EvalStats(
+            step=e.step, version=e.version, win_rate=e.win_rate, kl=e.kl, response_length=e.response_length,
+            reward_mean=e.reward_mean, baseline_reward_mean=e.baseline_reward_mean, prompts=e.prompts)
         return trainer_pb2.StatusResponse(
+            last_eval=last_eval,
             step=t.step,
             version=t.version,
             paused=t.paused.is_set(),
