@@ -181,27 +181,36 @@ def test_heldout_evaluation_reported(loop_run):
     assert metric_value(text, "rlhf_trainer_eval_kl_nats") == pytest.approx(e.kl)
 
 
-def test_zz_trainer_killed_and_restarted_continues_the_version_sequence(loop_run):
-    """Runs last: it changes the shared stack. kill -9 the trainer, restart it, send more prompts."""
+def test_zz_trainer_killed_and_restarted_continues_exactly(loop_run):
+    """Runs last: it changes the shared stack. kill -9 the trainer when idle and again in the
+    middle of training, restart it each time; nothing may be lost or trained twice."""
     st, _, status, _, policy = loop_run
     assert st.kill("trainer") == -9
     st.restart("trainer")
     trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
     after = trainer.Status(trainer_pb2.StatusRequest())
-    assert (after.version, after.step, after.groups_consumed) == (status.version, status.step,
-                                                                  status.groups_consumed)
+    # the state equals the checkpoint taken after the last step
+    assert (after.version, after.step, after.groups_consumed, after.rollouts_consumed) == (
+        status.version, status.step, status.groups_consumed, status.rollouts_consumed)
+
     heldout = seed_prompts(st.bus, HELDOUT[:1])  # answered by the policy, never trained on
     more = seed_prompts(st.bus, tiny_prompts(2 * GROUPS_PER_STEP, seed=99))
     deadline = time.monotonic() + 120
+    while after.step < EXPECTED_STEPS + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = trainer.Status(trainer_pb2.StatusRequest())
+    assert st.kill("trainer") == -9  # mid-run: the next batch may be half done
+    st.restart("trainer")
+    trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
+    after = trainer.Status(trainer_pb2.StatusRequest())
     while after.step < EXPECTED_STEPS + 2 and time.monotonic() < deadline:
         time.sleep(0.5)
         after = trainer.Status(trainer_pb2.StatusRequest())
-    assert after.step == EXPECTED_STEPS + 2 and after.version == status.version + 2
+    assert after.step == EXPECTED_STEPS + 2 and after.version >= status.version + 2
     # nothing lost and nothing trained twice: every rollout of every prompt, once. The
     # held-out group shares the first batch with more[0], so more[-1] is still waiting.
     assert after.rollouts_consumed == (N_PROMPTS + len(more) - 1) * GROUP
-    assert metric_value(scrape(st.metrics_ports["trainer"]),
-                        "rlhf_trainer_heldout_rollouts_skipped_total") == GROUP
+    assert after.groups_consumed == N_PROMPTS + len(more)
     while policy.GetVersion(policy_pb2.GetVersionRequest()).version < after.version and time.monotonic() < deadline:
         time.sleep(0.2)
     assert policy.GetVersion(policy_pb2.GetVersionRequest()).version == after.version
@@ -212,9 +221,8 @@ def test_zz_trainer_killed_and_restarted_continues_the_version_sequence(loop_run
     assert len({(r.prompt_id, r.group_index) for r in new}) == len(more) * GROUP
     assert all(r.policy_version >= status.version for r in new)
     updates = read_topic(st.bus, Topics().weights, events_pb2.WeightUpdate,
-                         until=lambda us: len({u.version for u in us}) >= EXPECTED_STEPS + 2)
+                         until=lambda us: any(u.version == after.version for u in us))
     versions = [u.version for u in updates]
-    # the restarted trainer announces its checkpoint's version once more; numbers are never reused
-    assert versions == sorted(versions)
-    assert sorted(set(versions)) == list(range(1, EXPECTED_STEPS + 3))
-    assert len(versions) == EXPECTED_STEPS + 3
+    # restarted trainers announce their checkpoint's version once more; numbers are never reused
+    assert versions == sorted(versions) and versions[-1] == after.version
+    assert set(range(1, EXPECTED_STEPS + 2)) <= set(versions)
