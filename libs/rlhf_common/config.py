@@ -218,6 +218,11 @@ class TrainerConfig(_Base):
     max_staleness: int = _f(4, "RLHF_TRAINER_MAX_STALENESS",
                             "Skip rollout groups more than this many versions old (counted in a metric)")
     max_grad_norm: float = _f(1.0, "RLHF_TRAINER_MAX_GRAD_NORM", "Gradient clipping norm")
+    lora_rank: int = _f(0, "RLHF_TRAINER_LORA_RANK",
+                        "Train a LoRA adapter of this rank and publish adapter-only updates (0 = full weights)")
+    lora_alpha: float = _f(16.0, "RLHF_TRAINER_LORA_ALPHA", "LoRA alpha (scale = alpha / rank)")
+    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "RLHF_TRAINER_LORA_TARGETS",
+                           "Comma-separated module names the adapter wraps")
     max_steps: int = _f(0, "RLHF_TRAINER_MAX_STEPS", "Stop consuming after this many steps (0 = no limit)")
     eval_prompts: str = _f("", "RLHF_TRAINER_EVAL_PROMPTS",
                            "Held-out prompts (one per line, or JSONL with 'prompt'); never trained on")
@@ -251,6 +256,10 @@ class TrainerConfig(_Base):
         _check(self.max_staleness >= 0, "RLHF_TRAINER_MAX_STALENESS", self.max_staleness, "must be >= 0")
         _check(self.max_grad_norm > 0, "RLHF_TRAINER_MAX_GRAD_NORM", self.max_grad_norm, "must be > 0")
         _check(self.keep_versions >= 0, "RLHF_TRAINER_KEEP_VERSIONS", self.keep_versions, "must be >= 0")
+        _check(self.lora_rank >= 0, "RLHF_TRAINER_LORA_RANK", self.lora_rank, "must be >= 0")
+        _check(self.lora_alpha > 0, "RLHF_TRAINER_LORA_ALPHA", self.lora_alpha, "must be > 0")
+        _check(not self.lora_rank or bool(self.lora_targets.strip(",")), "RLHF_TRAINER_LORA_TARGETS",
+               self.lora_targets, "must name at least one module when LoRA is on")
         _check(self.eval_every >= 0, "RLHF_TRAINER_EVAL_EVERY", self.eval_every, "must be >= 0")
         _check(not self.eval_every or bool(self.eval_prompts), "RLHF_TRAINER_EVAL_EVERY", self.eval_every,
                "needs RLHF_TRAINER_EVAL_PROMPTS")

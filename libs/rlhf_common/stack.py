@@ -77,6 +77,7 @@ class StackSpec:
     trainer_lr: float = 1e-4
     kl_beta: float = 0.05
     trainer_max_steps: int = 0
+    lora_rank: int = 0
     eval_prompts: Path | None = None
     eval_every: int = 0
     topic_prefix: str = "rlhf"
@@ -132,6 +133,7 @@ class Stack:
                 metrics_port=ports["trainer"][1], reward_addr=self.addrs["reward"],
                 reference_addr=self.addrs["reference"], groups_per_step=s.groups_per_step, lr=s.trainer_lr,
                 kl_beta=s.kl_beta, max_steps=s.trainer_max_steps,
+                lora_rank=s.lora_rank,
                 eval_prompts=str(s.eval_prompts or ""), eval_every=s.eval_every if s.eval_prompts else 0,
             ),
             "policy": PolicyConfig(

@@ -165,8 +165,10 @@ class PolicyEngine:
             completions.append(Completion(uuid.uuid4().hex, c.text, ids, lps, c.finish_reason or "length"))
         return Generation(list(final.prompt_token_ids), completions, version)
 
-    async def apply_update(self, version: int, uri: str, sha256: str) -> float:
-        """Load a full checkpoint in place; returns the seconds spent. Idempotent by version."""
+    async def apply_update(self, version: int, uri: str, sha256: str, lora: bool = False) -> float:
+        """Load a full checkpoint, or a LoRA adapter over the base model, in place.
+
+        Returns the seconds spent. Idempotent by version."""
         if version <= self.served.version:
             return 0.0
         path = weights.local_path(uri)
@@ -175,7 +177,10 @@ class PolicyEngine:
         t0 = time.perf_counter()
         await self._lock.acquire_write()
         try:
-            await self.engine.collective_rpc("rlhf_load_weights", args=(str(path),))
+            if lora:
+                await self.engine.collective_rpc("rlhf_load_lora", args=(self.cfg.model, str(path)))
+            else:
+                await self.engine.collective_rpc("rlhf_load_weights", args=(str(path),))
             await self.engine.reset_prefix_cache()
             self.served = ServedWeights(version=version, sha256=sha256, uri=uri)
         finally:

@@ -15,6 +15,8 @@ with ``process_weights_after_loading``. On GPU the patch is a no-op.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from pathlib import Path
 
@@ -59,6 +61,49 @@ class WeightUpdateExtension:
         device = next(model.parameters()).device
         process_weights_after_loading(model, self.model_runner.model_config, device)  # type: ignore[attr-defined]
         return {"tensors": n, "seconds": time.perf_counter() - t0}
+
+    def rlhf_load_lora(self, base_dir: str, adapter_dir: str) -> dict:
+        """Serve base + a PEFT LoRA adapter, merged: W = W_base + scale * B @ A.
+
+        The base tensors are read once and kept, so every adapter version is merged onto the
+        same base (versions never stack). Only the adapted weights are reloaded.
+        """
+        from safetensors.torch import load_file
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        t0 = time.perf_counter()
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        base = getattr(self, "_rlhf_lora_base", None)
+        if base is None or getattr(self, "_rlhf_lora_base_dir", None) != base_dir:
+            base = {}
+            for f in sorted(Path(base_dir).glob("*.safetensors")):
+                base.update(load_file(str(f)))
+            self._rlhf_lora_base, self._rlhf_lora_base_dir = base, base_dir
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        adapter = {}
+        for f in sorted(Path(adapter_dir).glob("*.safetensors")):
+            adapter.update(load_file(str(f)))
+        merged = {}
+        for key, a in adapter.items():
+            if ".lora_A." not in key:
+                continue
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            module = key.split(".lora_A.")[0]
+            if module.startswith("base_model.model."):
+                module = module[len("base_model.model."):]
+            name = module + ".weight"
+            if name not in base:
+                raise KeyError(f"adapter targets {name!r}, which the base model {base_dir!r} does not have")
+            w = base[name]
+            merged[name] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        if not merged:
+            raise ValueError(f"no lora_A/lora_B pairs in {adapter_dir!r}")
+        model.load_weights(weights=merged.items())
+        device = next(model.parameters()).device
+        process_weights_after_loading(model, self.model_runner.model_config, device)  # type: ignore[attr-defined]
+        return {"tensors": len(merged), "seconds": time.perf_counter() - t0}
 
     def rlhf_weights_digest(self) -> str:
         """sha256 over the served parameters (for debugging weight drift)."""

@@ -57,12 +57,9 @@ class WeightSubscriber(BackgroundLoop):
     def apply(self, u: events_pb2.WeightUpdate) -> None:
         t_recv = time.perf_counter()
         if u.version > self.engine.served.version:
-            if u.format not in (events_pb2.WeightUpdate.FORMAT_FULL, events_pb2.WeightUpdate.FORMAT_UNSPECIFIED):
-                log.error("weight update v%d has format %s, which this service does not apply yet",
-                          u.version, events_pb2.WeightUpdate.Format.Name(u.format))
-                self.metrics.weight_updates.labels("unsupported").inc()
-                return
-            fut = asyncio.run_coroutine_threadsafe(self.engine.apply_update(u.version, u.uri, u.sha256), self.loop)
+            lora = u.format == events_pb2.WeightUpdate.FORMAT_LORA
+            fut = asyncio.run_coroutine_threadsafe(
+                self.engine.apply_update(u.version, u.uri, u.sha256, lora=lora), self.loop)
             try:
                 fut.result()
             except Exception:

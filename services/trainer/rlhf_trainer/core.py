@@ -100,7 +100,7 @@ def learner_config(cfg: TrainerConfig) -> LearnerConfig:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, bus: BusConfig, metrics: TrainerMetrics):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg, self.bus, self.metrics = cfg, bus, metrics
         torch.manual_seed(cfg.seed)
@@ -118,7 +118,7 @@ class Trainer:
         self.trained_ids: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
         st = self.resumed_from
-        self.model = AutoModelForCausalLM.from_pretrained(st.weights_path if st else cfg.model, dtype=torch.float32)
+        self.model = self._load_model(st.weights_path if st else None)
         self.model.train()
         self.learner = PolicyLearner(self.model, learner_config(cfg), self.pad_id)
         if st is not None:
@@ -143,6 +143,26 @@ class Trainer:
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.done = threading.Event()
+
+    def _load_model(self, checkpoint: str | None):
+        """The policy to train: full weights, or the base model plus a trainable LoRA adapter."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        if not cfg.lora_rank:
+            return AutoModelForCausalLM.from_pretrained(checkpoint or cfg.model, dtype=torch.float32)
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        if checkpoint:
+            return PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        return get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                               lora_dropout=0.0, bias="none"))
+
+    @property
+    def weight_format(self) -> int:
+        return events_pb2.WeightUpdate.FORMAT_LORA if self.cfg.lora_rank else events_pb2.WeightUpdate.FORMAT_FULL
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
@@ -314,7 +334,7 @@ class Trainer:
 
     def _announce(self, producer: Producer, topic: str, version: int, path: str, sha256: str) -> None:
         update = events_pb2.WeightUpdate(
-            model_name=self.cfg.model_name, version=version, uri=path, format=events_pb2.WeightUpdate.FORMAT_FULL,
+            model_name=self.cfg.model_name, version=version, uri=path, format=self.weight_format,
             sha256=sha256, step=self.step, groups_consumed=self.groups_consumed, created_unix_ms=now_ms(),
         )
         producer.send(topic, self.cfg.model_name, update)
