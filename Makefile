@@ -9,7 +9,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
 
-.PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean
+.PHONY: docs install proto test test-unit test-integration test-e2e demo up seed down clean
 
 install: $(STAMP) proto
 
@@ -58,6 +58,10 @@ demo: install
 
 up: install
 	$(PY) -m rlhf_common.stack up --run-dir $(RUN_DIR)
+
+# Regenerates the configuration table in README.md from the config dataclasses.
+docs: install
+	$(PY) scripts/update_docs.py
 
 seed: install
 	$(PY) -m rlhf_common.stack seed --run-dir $(RUN_DIR) $(if $(PROMPTS),--prompts $(PROMPTS))

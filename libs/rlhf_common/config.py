@@ -274,3 +274,21 @@ class TrainerConfig(_Base):
         for name, addr in (("RLHF_TRAINER_REWARD_ADDR", self.reward_addr),
                            ("RLHF_TRAINER_REFERENCE_ADDR", self.reference_addr)):
             _check(":" in addr, name, addr, "must be host:port")
+
+
+ALL_CONFIGS = (BusConfig, PolicyConfig, RewardConfig, ReferenceConfig, TrainerConfig)
+
+
+def markdown_table() -> str:
+    """Every setting of every service as a Markdown table (README's configuration section)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for cls in ALL_CONFIGS:
+        rows.append(f"| **{cls.__name__}** | | {(cls.__doc__ or '').strip()} |")
+        for f in dataclasses.fields(cls):
+            default = "(none)" if f.default == "" else f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"
+            rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
