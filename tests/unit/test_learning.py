@@ -67,6 +67,7 @@ def test_policy_gradient_algorithms_raise_the_reward(setup, algorithm, kl_in):
                                         [_reward(r, target) for r in s.responses], s.group_ids))
         kls.append(res.kl)
     after = _mean_reward(model, setup, seed=1000)
+    print(f"{algorithm}: reward {before:.3f} -> {after:.3f} in {STEPS} steps, final KL {kls[-1]:.3f}")
     assert after >= before + MARGIN, f"{algorithm}: reward {before:.3f} -> {after:.3f}"
     assert kls[0] == pytest.approx(0.0, abs=1e-4) and kls[-1] > 0  # moved away from the reference
 
@@ -98,6 +99,7 @@ def test_preference_optimisation_raises_the_reward(setup, kind):
             ref_r = [sum(x) for x in response_logprobs(ref, p, r, tok.pad_token_id)]
         learner.step(PreferenceBatch(p, c, r, ref_c, ref_r))
     after = _mean_reward(model, setup, seed=1000)
+    print(f"{kind}: reward {before:.3f} -> {after:.3f} in {STEPS} steps")
     assert after >= before + MARGIN, f"{kind}: reward {before:.3f} -> {after:.3f}"
 
 
