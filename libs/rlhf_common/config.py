@@ -122,6 +122,8 @@ class PolicyConfig(_Base):
                                "Back-pressure: the worker stops taking prompts while it is this many groups "
                                "ahead of what the trainer reports consumed")
     model_name: str = _f("policy", "RLHF_POLICY_MODEL_NAME", "Name of the model in rlhf.weights records")
+    record_generations: bool = _f(True, "RLHF_POLICY_RECORD_GENERATIONS",
+                                  "Write every answer served through the API to rlhf.generations")
     seed: int = _f(0, "RLHF_POLICY_SEED", "vLLM seed")
 
     def __post_init__(self):

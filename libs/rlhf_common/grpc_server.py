@@ -28,35 +28,61 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
         metrics = self.metrics
 
-        async def wrapped(request, context: grpc.aio.ServicerContext):
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
+        async def fail(exc: Exception, context) -> grpc.StatusCode:
+            code, msg = errors.to_grpc(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method)
+            return code, msg
+
+        def record(code: grpc.StatusCode, t0: float) -> None:
+            if metrics is not None:
+                metrics.requests.labels(method, code.name).inc()
+                metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context: grpc.aio.ServicerContext):
+                t0, code = time.perf_counter(), grpc.StatusCode.OK
+                try:
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:  # mapped to a status, never swallowed
+                    code, msg = await fail(exc, context)
+                    await context.abort(code, msg)
+                finally:
+                    record(code, t0)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        inner_stream = handler.unary_stream
+
+        async def stream(request, context: grpc.aio.ServicerContext):
+            t0, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                return await inner(request, context)
+                async for item in inner_stream(request, context):
+                    yield item
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:  # mapped to a status, never swallowed
-                code, msg = errors.to_grpc(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("internal error in %s", method)
+            except Exception as exc:
+                code, msg = await fail(exc, context)
                 await context.abort(code, msg)
             finally:
-                if metrics is not None:
-                    metrics.requests.labels(method, code.name).inc()
-                    metrics.latency.labels(method).observe(time.perf_counter() - t0)
+                record(code, t0)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 class Server:

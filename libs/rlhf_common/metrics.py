@@ -38,6 +38,13 @@ class PolicyMetrics(RpcMetrics):
                                      buckets=SYNC_BUCKETS, registry=registry)
         self.weight_updates = Counter("rlhf_policy_weight_updates_total", "Weight updates by outcome",
                                       ["outcome"], registry=registry)
+        self.ttft = Histogram("rlhf_policy_time_to_first_token_seconds",
+                              "Streaming requests: seconds from request to the first chunk",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_flight = Gauge("rlhf_policy_requests_in_flight", "Generation requests accepted and not finished",
+                               registry=registry)
+        self.waiting = Gauge("rlhf_policy_requests_waiting_for_update",
+                             "Generation requests held while a weight update is applied", registry=registry)
         self.groups_ahead = Gauge("rlhf_policy_rollout_groups_ahead",
                                   "Rollout groups produced but not yet consumed by the trainer",
                                   registry=registry)

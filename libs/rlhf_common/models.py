@@ -55,6 +55,13 @@ class TinyLlamaSpec:
     seed: int = 0
 
 
+# A minimal chat format, so the chat path is exercised on the tiny model too.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def _quiet_transformers() -> None:
     """Saving a 2 MB model needs no progress bar."""
     from transformers.utils import logging as hf_logging
@@ -77,13 +84,15 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
         show_progress=False,
     )
     tok.train_from_iterator(synthetic_corpus(seed=seed), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         pad_token="<|pad|>",
         model_max_length=512,
     )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
 
 
 def make_tiny_llama(out_dir: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:

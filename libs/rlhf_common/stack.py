@@ -84,6 +84,9 @@ class StackSpec:
     # False: every port is picked free (tests). True: the documented defaults of each
     # service's config (Kafka 9092, gRPC 50051-50054, metrics 9101-9104), for `make up`.
     default_ports: bool = False
+    # Which services to start (the broker always starts).
+    services: tuple[str, ...] = SERVICES
+    rollout_enabled: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -139,14 +142,14 @@ class Stack:
             "policy": PolicyConfig(
                 model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],
                 rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
-                dtype="float32",
+                dtype="float32", rollout_enabled=s.rollout_enabled,
             ),
         }
-        for name in SERVICES:
+        for name in s.services:
             self._spawn(name)
         t0 = time.monotonic()
         try:
-            for name in SERVICES:
+            for name in s.services:
                 wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
                 if verbose:
                     print(f"  {name:<9} ready at {self.addrs[name]} after {time.monotonic() - t0:.0f}s", flush=True)

@@ -17,7 +17,7 @@ from rlhf_common.loops import first_error
 
 from .core import PolicyEngine
 from .servicer import PolicyServicer
-from .workers import RolloutWorker, WeightSubscriber
+from .workers import GenerationRecorder, RolloutWorker, WeightSubscriber
 
 log = logging.getLogger("rlhf_policy")
 
@@ -33,7 +33,11 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
     await loop.run_in_executor(None, ensure_topics, bus)
 
     server = Server(cfg.host, cfg.port, [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name], m)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(engine, m), server.server)
+    recorder = GenerationRecorder(bus) if cfg.record_generations else None
+    m.in_flight.set_function(lambda: engine.in_flight)
+    m.waiting.set_function(lambda: engine.waiting)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+        PolicyServicer(engine, m, recorder.record if recorder else None), server.server)
 
     subscriber = WeightSubscriber(cfg, bus, engine, m, loop)
     threads = [subscriber]
@@ -52,6 +56,8 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
         await server.run(on_stop=on_stop,
                          watch=lambda: first_error(threads))
     finally:
+        if recorder is not None:
+            recorder.close()
         engine.shutdown()
 
 

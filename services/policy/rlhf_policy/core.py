@@ -31,6 +31,21 @@ class Sampling:
     top_k: int = 0
     n: int = 1
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A streamed piece of one completion."""
+
+    index: int
+    generation_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "" until the last chunk
+    policy_version: int
+    prompt_token_ids: list[int]  # on the first chunk of each completion
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class Generation:
     prompt_token_ids: list[int]
     completions: list[Completion]
     policy_version: int
+    prompt: str = ""  # the rendered prompt text
+    request_id: str = ""
 
 
 @dataclass
@@ -95,6 +112,9 @@ class PolicyEngine:
         self.served = ServedWeights(version=0, uri=cfg.model)
         self._lock = VersionLock()
         self.engine = None
+        self.tokenizer = None
+        self.in_flight = 0  # requests accepted and not finished (queue depth)
+        self.waiting = 0  # of those, waiting for a weight update to finish
 
     def start(self) -> None:
         """Build the vLLM engine (blocking, tens of seconds on CPU)."""
@@ -111,6 +131,9 @@ class PolicyEngine:
             seed=self.cfg.seed,
         )
         self.engine = AsyncLLM.from_engine_args(args)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
         try:
             self.served.sha256 = weights.digest(self.cfg.model)
         except FileNotFoundError:
@@ -121,7 +144,7 @@ class PolicyEngine:
             self.engine.shutdown()
             self.engine = None
 
-    def _sampling_params(self, s: Sampling):
+    def _sampling_params(self, s: Sampling, stream: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -135,6 +158,8 @@ class PolicyEngine:
             raise InvalidInput(f"top_k={s.top_k}: must be >= 0 (0 = off)")
         if not 1 <= s.n <= 64:
             raise InvalidInput(f"n={s.n}: must be in [1, 64]")
+        if len(s.stop) > 16 or any(not x for x in s.stop):
+            raise InvalidInput(f"stop={list(s.stop)!r}: at most 16 non-empty strings")
         return SamplingParams(
             n=s.n,
             temperature=s.temperature,
@@ -142,34 +167,87 @@ class PolicyEngine:
             top_k=s.top_k if s.top_k > 0 else -1,
             max_tokens=s.max_tokens,
             seed=s.seed,
+            stop=list(s.stop) or None,
             logprobs=0,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def generate(self, prompt: str, sampling: Sampling) -> Generation:
-        if not prompt:
-            raise InvalidInput("prompt: must not be empty")
-        params = self._sampling_params(sampling)
-        await self._lock.acquire_read()
+    def render(self, prompt: str, messages: list[tuple[str, str]]) -> str:
+        """The prompt text: raw, or chat messages through the model's chat template."""
+        if bool(prompt) == bool(messages):
+            raise InvalidInput("exactly one of prompt or messages must be given")
+        if prompt:
+            return prompt
+        for i, (role, content) in enumerate(messages):
+            if role not in ("system", "user", "assistant"):
+                raise InvalidInput(f"messages[{i}].role={role!r}: must be system, user or assistant")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidInput(f"model {self.cfg.model!r} has no chat template: send prompt instead of messages")
+        return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    async def _enter(self) -> int:
+        """Wait until no weight update is running; returns the version requests will see."""
+        self.in_flight += 1
+        self.waiting += 1
         try:
-            version = self.served.version
+            await self._lock.acquire_read()
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        finally:
+            self.waiting -= 1
+        return self.served.version
+
+    async def _leave(self) -> None:
+        self.in_flight -= 1
+        await self._lock.release_read()
+
+    async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()) -> Generation:
+        text = self.render(prompt, list(messages))
+        params = self._sampling_params(sampling)
+        request_id = uuid.uuid4().hex
+        version = await self._enter()
+        try:
             final = None
-            async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+            async for out in self.engine.generate(text, params, request_id=request_id):
                 final = out
         finally:
-            await self._lock.release_read()
+            await self._leave()
         completions = []
         for c in final.outputs:
             ids = list(c.token_ids)
             lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)] if c.logprobs else []
             completions.append(Completion(uuid.uuid4().hex, c.text, ids, lps, c.finish_reason or "length"))
-        return Generation(list(final.prompt_token_ids), completions, version)
+        return Generation(list(final.prompt_token_ids), completions, version, text, request_id)
 
-    async def apply_update(self, version: int, uri: str, sha256: str, lora: bool = False) -> float:
+    async def generate_stream(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()):
+        """Async iterator of Chunk; the whole request runs on one weight version."""
+        text = self.render(prompt, list(messages))
+        params = self._sampling_params(sampling, stream=True)
+        request_id = uuid.uuid4().hex
+        ids = [uuid.uuid4().hex for _ in range(sampling.n)]
+        started: set[int] = set()
+        version = await self._enter()
+        try:
+            async for out in self.engine.generate(text, params, request_id=request_id):
+                for c in out.outputs:
+                    toks = list(c.token_ids)
+                    lps = [c.logprobs[i][t].logprob for i, t in enumerate(toks)] if c.logprobs else []
+                    first = c.index not in started
+                    started.add(c.index)
+                    yield Chunk(c.index, ids[c.index], c.text, toks, lps, c.finish_reason or "", version,
+                                list(out.prompt_token_ids) if first and out.prompt_token_ids else [])
+        finally:
+            await self._leave()
+
+    async def apply_update(self, version: int, uri: str, sha256: str, lora: bool = False,
+                           rollback: bool = False) -> float:
         """Load a full checkpoint, or a LoRA adapter over the base model, in place.
 
-        Returns the seconds spent. Idempotent by version."""
-        if version <= self.served.version:
+        Returns the seconds spent. Idempotent by version: an update not newer than the served
+        version is ignored, unless it is a rollback to a different version."""
+        if version == self.served.version or (version < self.served.version and not rollback):
             return 0.0
         path = weights.local_path(uri)
         if sha256:

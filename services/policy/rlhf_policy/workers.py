@@ -56,10 +56,13 @@ class WeightSubscriber(BackgroundLoop):
 
     def apply(self, u: events_pb2.WeightUpdate) -> None:
         t_recv = time.perf_counter()
-        if u.version > self.engine.served.version:
+        served = self.engine.served.version
+        if u.version > served or (u.rollback and u.version != served):
             lora = u.format == events_pb2.WeightUpdate.FORMAT_LORA
+            if u.rollback:
+                log.warning("rolling back from version %d to %d", served, u.version)
             fut = asyncio.run_coroutine_threadsafe(
-                self.engine.apply_update(u.version, u.uri, u.sha256, lora=lora), self.loop)
+                self.engine.apply_update(u.version, u.uri, u.sha256, lora=lora, rollback=u.rollback), self.loop)
             try:
                 fut.result()
             except Exception:
@@ -67,7 +70,7 @@ class WeightSubscriber(BackgroundLoop):
                 self.metrics.weight_updates.labels("failed").inc()
                 return
             self.metrics.weight_sync.observe(time.perf_counter() - t_recv)
-            self.metrics.weight_updates.labels("applied").inc()
+            self.metrics.weight_updates.labels("rolled_back" if u.rollback else "applied").inc()
             self.metrics.version.set(u.version)
             log.info("serving version %d (%s)", u.version, u.sha256[:12])
         with self.progress:
@@ -148,3 +151,24 @@ class RolloutWorker(BackgroundLoop):
         self.metrics.groups_ahead.set(self._ahead())
         self.metrics.rollouts.inc(len(gen.completions))
         self.metrics.generated_tokens.labels("rollout").inc(sum(len(c.token_ids) for c in gen.completions))
+
+
+class GenerationRecorder:
+    """Writes answers served to production to rlhf.generations (for joining feedback later)."""
+
+    def __init__(self, bus: BusConfig):
+        self.topic = Topics(bus.topic_prefix).generations
+        self._p = Producer(bus, client_id="policy-generations")
+
+    def record(self, gen) -> None:
+        """Blocking (broker acknowledgement): call it from an executor."""
+        for c in gen.completions:
+            self._p.send(self.topic, c.generation_id, events_pb2.Generation(
+                generation_id=c.generation_id, request_id=gen.request_id, prompt=gen.prompt, response=c.text,
+                policy_version=gen.policy_version, prompt_token_ids=gen.prompt_token_ids,
+                response_token_ids=c.token_ids, finish_reason=c.finish_reason, created_unix_ms=now_ms(),
+            ), wait=False)
+        self._p.flush()
+
+    def close(self) -> None:
+        self._p.close()
