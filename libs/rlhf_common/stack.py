@@ -87,6 +87,7 @@ class StackSpec:
     # Which services to start (the broker always starts).
     services: tuple[str, ...] = SERVICES
     rollout_enabled: bool = True
+    policy_dtype: str = "float32"
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -142,7 +143,7 @@ class Stack:
             "policy": PolicyConfig(
                 model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],
                 rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
-                dtype="float32", rollout_enabled=s.rollout_enabled,
+                dtype=s.policy_dtype, rollout_enabled=s.rollout_enabled,
             ),
         }
         for name in s.services:
