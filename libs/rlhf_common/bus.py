@@ -184,6 +184,15 @@ class Consumer(Generic[M]):
         )
         self._dlq.send(self._dlq_topic, key, dl)
 
+    def reject(self, rec: Received[M], err: Exception) -> None:
+        """Send a decoded record that cannot be handled (bad content) to the dead-letter topic."""
+        self.dead_letters += 1
+        log.warning("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, err)
+        self._dlq.send(self._dlq_topic, rec.key, events_pb2.DeadLetter(
+            topic=rec.topic, partition=rec.partition, offset=rec.offset, key=rec.key.encode(),
+            value=rec.record.SerializeToString(), error=f"{type(err).__name__}: {err}", consumer=self.client_id,
+            created_unix_ms=now_ms()))
+
     def commit(self, upto: list[Received[M]]) -> None:
         """Commit the offsets after the given records (per partition, the highest + 1)."""
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}

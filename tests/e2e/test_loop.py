@@ -35,6 +35,7 @@ def loop_run(tmp_path_factory):
     spec = StackSpec(run_dir=run_dir, rollout_n=GROUP, max_tokens=16, groups_per_step=GROUPS_PER_STEP,
                      max_groups_ahead=4, trainer_lr=1e-4, eval_prompts=run_dir / "heldout.txt", eval_every=2)
     with Stack(spec) as st:
+        bad_ids = seed_prompts(st.bus, ["cat " * 600])  # too long for the model: dead-lettered, not fatal
         prompt_ids = seed_prompts(st.bus, tiny_prompts(N_PROMPTS, seed=7))
         trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
         policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
@@ -47,6 +48,7 @@ def loop_run(tmp_path_factory):
         while (policy.GetVersion(policy_pb2.GetVersionRequest()).version < status.version
                and time.monotonic() < deadline):
             time.sleep(0.2)
+        st.bad_prompt_ids = bad_ids
         yield st, prompt_ids, status, trainer, policy
 
 
@@ -63,6 +65,16 @@ def test_every_prompt_answered_by_a_full_group(loop_run):
     assert all(idx == set(range(GROUP)) for idx in by_prompt.values())
     assert status.rollouts_consumed == expected
     assert status.step == EXPECTED_STEPS
+
+
+def test_bad_prompt_goes_to_the_dead_letter_topic(loop_run):
+    st, _, _, _, _ = loop_run
+    letters = read_topic(st.bus, Topics().dlq, events_pb2.DeadLetter, until=lambda ds: len(ds) >= 1)
+    assert len(letters) == 1 and letters[0].key.decode() == st.bad_prompt_ids[0]
+    assert letters[0].topic == Topics().prompts and "exceed the context length" in letters[0].error
+    bad = events_pb2.Prompt()
+    bad.ParseFromString(letters[0].value)
+    assert bad.prompt_id == st.bad_prompt_ids[0]
 
 
 def test_versions_published_and_applied(loop_run):

@@ -135,6 +135,7 @@ def test_chat_messages_use_the_chat_template(policy_stack):
      "exactly one of prompt or messages"),
     (policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="robot", content="y")]), "role='robot'"),
     (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(stop=[""])), "stop="),
+    (policy_pb2.GenerateRequest(prompt="cat " * 600), "exceed the context length 512"),
 ])
 def test_bad_requests_are_invalid_argument(policy_stack, request_, needle):
     _, stub = policy_stack

@@ -186,6 +186,12 @@ class PolicyEngine:
         return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                   tokenize=False, add_generation_prompt=True)
 
+    def check_length(self, text: str, max_tokens: int) -> None:
+        n = len(self.tokenizer(text, add_special_tokens=True).input_ids)
+        if n + max_tokens > self.cfg.max_model_len:
+            raise InvalidInput(f"prompt: {n} tokens + max_tokens {max_tokens} exceed the context length "
+                               f"{self.cfg.max_model_len}")
+
     async def _enter(self) -> int:
         """Wait until no weight update is running; returns the version requests will see."""
         self.in_flight += 1
@@ -206,6 +212,7 @@ class PolicyEngine:
     async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()) -> Generation:
         text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling)
+        self.check_length(text, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         version = await self._enter()
         try:
@@ -225,6 +232,7 @@ class PolicyEngine:
         """Async iterator of Chunk; the whole request runs on one weight version."""
         text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling, stream=True)
+        self.check_length(text, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in range(sampling.n)]
         started: set[int] = set()

@@ -69,7 +69,7 @@ class WeightUpdateExtension:
         same base (versions never stack). Only the adapted weights are reloaded.
         """
         from safetensors.torch import load_file
-        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+        from vllm.model_executor.layers.linear import LinearBase
 
         t0 = time.perf_counter()
         model = self.model_runner.model  # type: ignore[attr-defined]
@@ -101,9 +101,16 @@ class WeightUpdateExtension:
         if not merged:
             raise ValueError(f"no lora_A/lora_B pairs in {adapter_dir!r}")
         model.load_weights(weights=merged.items())
-        device = next(model.parameters()).device
-        process_weights_after_loading(model, self.model_runner.model_config, device)  # type: ignore[attr-defined]
-        return {"tensors": len(merged), "seconds": time.perf_counter() - t0}
+        # Re-pack only the layers that hold adapted weights: the embedding and LM head (the
+        # largest matrices) are untouched by an adapter, so they keep their packed handles.
+        prefixes = tuple({name.rsplit(".", 2)[0] + "." for name in merged})
+        repacked = 0
+        for mod_name, module in model.named_modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(module, LinearBase) and method is not None and (mod_name + ".").startswith(prefixes):
+                method.process_weights_after_loading(module)
+                repacked += 1
+        return {"tensors": len(merged), "repacked": repacked, "seconds": time.perf_counter() - t0}
 
     def rlhf_weights_digest(self) -> str:
         """sha256 over the served parameters (for debugging weight drift)."""

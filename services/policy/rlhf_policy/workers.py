@@ -17,6 +17,7 @@ from rlhf.events.v1 import events_pb2
 
 from rlhf_common.bus import Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig, PolicyConfig
+from rlhf_common.errors import InvalidInput
 from rlhf_common.loops import BackgroundLoop
 from rlhf_common.metrics import PolicyMetrics
 from rlhf_common.topics import Topics
@@ -116,18 +117,31 @@ class RolloutWorker(BackgroundLoop):
             while not self.stopping.is_set():
                 if not self._wait_for_trainer():
                     return
-                # One prompt at a time keeps pacing exact; vLLM still batches the n samples.
-                for rec in c.poll(timeout_ms=200, max_records=1):
-                    self._rollout(rec.record, out)
-                    c.commit([rec])
+                # Take as many prompts as the pacing budget allows and generate them
+                # concurrently, so vLLM batches across prompts; write groups in prompt order.
+                budget = self.cfg.max_groups_ahead - self._ahead()
+                recs = list(c.poll(timeout_ms=200, max_records=max(1, budget)))
+                if not recs:
+                    continue
+                futures = [self._submit(r.record) for r in recs]
+                for rec, fut in zip(recs, futures):
+                    try:
+                        gen = fut.result()
+                    except InvalidInput as e:  # a bad prompt never stops the worker
+                        c.reject(rec, e)
+                        continue
+                    self._write(rec.record, gen, out)
+                c.commit(recs)
         finally:
             c.close()
             out.close()
 
-    def _rollout(self, p: events_pb2.Prompt, out: Producer) -> None:
+    def _submit(self, p: events_pb2.Prompt):
         n = p.n or self.cfg.rollout_n
         s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n)
-        gen = asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s), self.loop)
+
+    def _write(self, p: events_pb2.Prompt, gen, out: Producer) -> None:
         topic = Topics(self.bus.topic_prefix).rollouts
         for i, c in enumerate(gen.completions):
             r = events_pb2.Rollout(
