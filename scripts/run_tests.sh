@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+# Unused imports, undefined names and the like fail the run before any test does.
+"$PY" -m pyflakes libs/rlhf_common services bench scripts tests
 paths=()
 for tier in ${RLHF_TEST_TIERS:-unit integration e2e}; do paths+=("tests/$tier"); done
 # pytest exits 5 when no test ran; that is a failure here too.

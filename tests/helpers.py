@@ -42,3 +42,25 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
             if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
                 return s.value
     return None
+
+
+def run_until_steps(st, steps: int, timeout_s: float = 300.0):
+    """Wait until the stack's trainer has made `steps` steps and the policy serves the
+    version it published. Returns (trainer status, trainer stub, policy stub)."""
+    import grpc
+
+    from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
+    from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+    trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
+    policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
+    deadline = time.monotonic() + timeout_s
+    status = trainer.Status(trainer_pb2.StatusRequest())
+    while status.step < steps and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = trainer.Status(trainer_pb2.StatusRequest())
+    # the policy applies the last update shortly after the trainer publishes it
+    while (policy.GetVersion(policy_pb2.GetVersionRequest()).version < status.version
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    return status, trainer, policy

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from rlhf.events.v1 import events_pb2
-from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
+from rlhf.policy.v1 import policy_pb2
 from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from rlhf_common.models import tiny_prompts
 from rlhf_common.stack import Stack, StackSpec, seed_prompts
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
-from tests.helpers import metric_value, read_topic, scrape
+from tests.helpers import metric_value, read_topic, run_until_steps, scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,17 +37,7 @@ def loop_run(tmp_path_factory):
     with Stack(spec) as st:
         bad_ids = seed_prompts(st.bus, ["cat " * 600])  # too long for the model: dead-lettered, not fatal
         prompt_ids = seed_prompts(st.bus, tiny_prompts(N_PROMPTS, seed=7))
-        trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
-        policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
-        deadline = time.monotonic() + 300
-        status = trainer.Status(trainer_pb2.StatusRequest())
-        while status.step < EXPECTED_STEPS and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = trainer.Status(trainer_pb2.StatusRequest())
-        # the policy applies the last update shortly after the trainer publishes it
-        while (policy.GetVersion(policy_pb2.GetVersionRequest()).version < status.version
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
+        status, trainer, policy = run_until_steps(st, EXPECTED_STEPS)
         st.bad_prompt_ids = bad_ids
         yield st, prompt_ids, status, trainer, policy
 

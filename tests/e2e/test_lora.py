@@ -3,21 +3,17 @@ base + adapter exactly as transformers/PEFT computes it."""
 
 from __future__ import annotations
 
-import time
-
-import grpc
 import pytest
 import torch
 
 from rlhf.events.v1 import events_pb2
-from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
-from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from rlhf.policy.v1 import policy_pb2
 from rlhf_common.models import tiny_prompts
 from rlhf_common.stack import Stack, StackSpec, seed_prompts
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
-from tests.helpers import metric_value, read_topic, scrape
+from tests.helpers import metric_value, read_topic, run_until_steps, scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -30,16 +26,7 @@ def lora_run(tmp_path_factory):
                      max_groups_ahead=4, trainer_lr=5e-3, lora_rank=4)
     with Stack(spec) as st:
         seed_prompts(st.bus, tiny_prompts(2 * STEPS, seed=21))
-        trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
-        policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
-        deadline = time.monotonic() + 300
-        status = trainer.Status(trainer_pb2.StatusRequest())
-        while status.step < STEPS and time.monotonic() < deadline:
-            time.sleep(0.5)
-            status = trainer.Status(trainer_pb2.StatusRequest())
-        while (policy.GetVersion(policy_pb2.GetVersionRequest()).version < status.version
-               and time.monotonic() < deadline):
-            time.sleep(0.2)
+        status, _, policy = run_until_steps(st, STEPS)
         yield st, status, policy
 
 

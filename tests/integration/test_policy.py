@@ -4,7 +4,6 @@ recorded generations, weight updates under concurrent load, and rollback."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
