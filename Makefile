@@ -41,13 +41,13 @@ $(PROTO_OUT)/rlhf/.generated: $(PROTO_SRC)
 	find $(PROTO_OUT)/rlhf -type d -exec touch {}/__init__.py \;
 	touch $@
 
-test: install
+test: install $(VENV)/.smollm2
 	bash scripts/run_tests.sh
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install $(VENV)/.smollm2
 	$(PY) -m pytest -q tests/integration
 
 test-e2e: install
