@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q -e '.[cpu,dev,rm]'
 	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  for d in libs services/policy services/reward services/reference services/trainer; do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth

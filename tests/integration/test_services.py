@@ -32,8 +32,8 @@ def _start(module: str, cfg, log_path):
 def services(tiny_models, tmp_path_factory):
     policy, reward = tiny_models
     logs = tmp_path_factory.mktemp("logs")
-    rcfg = RewardConfig(model=str(reward), port=free_port(), metrics_port=free_port(), max_length=24,
-                        max_batch_items=8)
+    rcfg = RewardConfig(model=str(reward), port=free_port(), metrics_port=free_port(), http_port=free_port(),
+                        max_length=24, max_batch_items=8)
     fcfg = ReferenceConfig(model=str(policy), port=free_port(), metrics_port=free_port(), max_batch_items=8)
     procs = [_start("rlhf_reward", rcfg, logs / "reward.log"), _start("rlhf_reference", fcfg, logs / "ref.log")]
     yield rcfg, fcfg, policy, reward
