@@ -76,6 +76,19 @@ class ModelInfo:
     shadow_model_version: str
 
 
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int):
+    """Tokenize (prompt, response) pairs the one way both serving and training do.
+
+    Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain
+    join. Returns the padded batch (truncated to max_length, longest part first) and,
+    per pair, whether it was truncated.
+    """
+    lengths = [len(ids) for ids in tokenizer(prompts, responses)["input_ids"]]
+    enc = tokenizer(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
+                    return_tensors="pt")
+    return enc, [n > max_length for n in lengths]
+
+
 class RewardModel:
     """A transformers sequence-classification model with one output logit (blocking calls).
 
@@ -109,13 +122,8 @@ class RewardModel:
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         """Blocking: call it from a worker thread, never from the event loop."""
-        prompts = [it.prompt for it in items]
-        responses = [it.response for it in items]
-        # Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain join.
-        lengths = [len(ids) for ids in self.tokenizer(prompts, responses)["input_ids"]]
-        truncated = [n > self.max_length for n in lengths]
-        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length,
-                             padding=True, return_tensors="pt")
+        enc, truncated = encode_pairs(self.tokenizer, [it.prompt for it in items], [it.response for it in items],
+                                      self.max_length)
         with self._lock, torch.inference_mode():
             logits = self.model(**enc).logits[:, 0]
         return [ScoreResult(float(s), t) for s, t in zip(logits.tolist(), truncated)]
