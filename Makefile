@@ -9,7 +9,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
 
-.PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean
+.PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean bench-reward train-reward
 
 install: $(STAMP) proto
 
@@ -52,6 +52,17 @@ test-integration: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# Reward serving: dynamic batching against naive one-at-a-time scoring (bench/reward/RESULTS.md).
+bench-reward: install
+	$(PY) bench/reward/run.py
+
+# Reward model on human-rated chitchat pairs (MiniLM backbone); metrics to bench/reward/.
+RM_OUT ?= runs/reward-minilm-chitchat
+train-reward: install
+	$(PY) -m rlhf_reward.train --data chitchat --backbone minilm --out $(RM_OUT) \
+	  --metrics-json bench/reward/chitchat_minilm_metrics.json --max-train-pairs 1600 --max-held-out-pairs 800 \
+	  --threads 2
 
 demo: install
 	$(PY) -m rlhf_common.demo
