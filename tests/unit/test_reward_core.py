@@ -203,3 +203,17 @@ def test_config_from_env_and_keys_never_shown(monkeypatch):
     with pytest.raises(ConfigError) as e:
         RewardConfig(model="/m", api_keys="good-key-123,bad")
     assert "good-key" not in str(e.value) and "bad" not in str(e.value)
+
+
+def test_length_buckets_bound_padding_and_cover_every_item():
+    from rlhf_reward.core import length_buckets
+
+    lengths = [50, 10, 12, 100, 11, 52, 13, 120]
+    groups = length_buckets(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        ls = [lengths[i] for i in g]
+        assert ls == sorted(ls)
+        assert len(ls) * max(ls) <= 1.25 * sum(ls)
+    assert groups[0] == [1, 4, 2, 6]  # 10, 11, 12, 13 run together
+    assert length_buckets([], 0.25) == []

@@ -89,6 +89,25 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
     return enc, [n > max_length for n in lengths]
 
 
+def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped by length (shortest first) so that each group's padded size is at
+    most (1 + max_padding) times its real token count."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # the longest so far, since the order is ascending
+        if group and (len(group) + 1) * n > (1 + max_padding) * (real + n):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
+
+
 class RewardModel:
     """A transformers sequence-classification model with one output logit (blocking calls).
 
@@ -118,15 +137,26 @@ class RewardModel:
         self.version = version or Path(self.model_dir).name
         self.version_number = version_number if version_number is not None else int(meta.get("version", -1))
         self.sha256 = sha256 or meta.get("sha256", "")
+        # Most padding accepted in one forward pass, as a fraction of its real tokens.
+        self.max_padding = 0.25
         self._lock = threading.Lock()
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         """Blocking: call it from a worker thread, never from the event loop."""
-        enc, truncated = encode_pairs(self.tokenizer, [it.prompt for it in items], [it.response for it in items],
-                                      self.max_length)
+        prompts, responses = [it.prompt for it in items], [it.response for it in items]
+        full = self.tokenizer(prompts, responses)["input_ids"]
+        truncated = [len(ids) > self.max_length for ids in full]
+        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        scores = [0.0] * len(items)
         with self._lock, torch.inference_mode():
-            logits = self.model(**enc).logits[:, 0]
-        return [ScoreResult(float(s), t) for s, t in zip(logits.tolist(), truncated)]
+            # On CPU the forward pass costs what its padded tokens cost: pairs of similar
+            # length are run together so that padding stays small.
+            for group in length_buckets(lengths, self.max_padding):
+                batch = self.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in group], return_tensors="pt")
+                for i, s in zip(group, self.model(**batch).logits[:, 0].tolist()):
+                    scores[i] = s
+        return [ScoreResult(float(s), t) for s, t in zip(scores, truncated)]
 
 
 def validate(items: list[ScoreItem], max_batch_items: int) -> None:
