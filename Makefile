@@ -9,7 +9,8 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
 
-.PHONY: bench-policy docs install proto test test-unit test-integration test-e2e demo up seed down clean
+.PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
+	bench-policy bench-reward train-reward
 
 install: $(STAMP) proto
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q -e '.[cpu,dev,rm]'
 	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  for d in libs services/policy services/reward services/reference services/trainer; do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
@@ -52,6 +53,17 @@ test-integration: install $(VENV)/.smollm2
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# Reward serving: dynamic batching against naive one-at-a-time scoring (bench/reward/RESULTS.md).
+bench-reward: install
+	$(PY) bench/reward/run.py
+
+# Reward model on human-rated chitchat pairs (MiniLM backbone); metrics to bench/reward/.
+RM_OUT ?= runs/reward-minilm-chitchat
+train-reward: install
+	$(PY) -m rlhf_reward.train --data chitchat --backbone minilm --out $(RM_OUT) \
+	  --metrics-json bench/reward/chitchat_minilm_metrics.json --max-train-pairs 1600 --max-held-out-pairs 800 \
+	  --threads 2
 
 demo: install
 	$(PY) -m rlhf_common.demo

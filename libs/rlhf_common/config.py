@@ -142,23 +142,58 @@ class PolicyConfig(_Base):
 
 @dataclass
 class RewardConfig(_Base):
-    """Reward service: a sequence-classification model with one logit."""
+    """Reward service: a sequence-classification model with one logit, over gRPC and REST."""
 
     model: str = _f("", "RLHF_REWARD_MODEL", "Path of the reward model folder")
-    host: str = _f("127.0.0.1", "RLHF_REWARD_HOST", "gRPC bind address")
+    host: str = _f("127.0.0.1", "RLHF_REWARD_HOST", "gRPC and REST bind address")
     port: int = _f(50052, "RLHF_REWARD_PORT", "gRPC port")
+    http_port: int = _f(8002, "RLHF_REWARD_HTTP_PORT", "REST (FastAPI) port; 0 = no REST server")
     metrics_port: int = _f(9102, "RLHF_REWARD_METRICS_PORT", "Prometheus /metrics port (0 = off)")
-    max_length: int = _f(512, "RLHF_REWARD_MAX_LENGTH", "Token limit; longer inputs are truncated")
+    max_length: int = _f(512, "RLHF_REWARD_MAX_LENGTH",
+                         "Token limit (capped at the model's own); longer inputs are truncated and flagged")
     max_batch_items: int = _f(256, "RLHF_REWARD_MAX_BATCH_ITEMS", "Most items in one Score request")
+    max_batch_size: int = _f(32, "RLHF_REWARD_MAX_BATCH_SIZE",
+                             "Dynamic batching: most items in one model forward pass, across requests")
+    max_wait_ms: float = _f(5.0, "RLHF_REWARD_MAX_WAIT_MS",
+                            "Dynamic batching: longest a request waits for others to join its batch")
+    max_queue_items: int = _f(4096, "RLHF_REWARD_MAX_QUEUE_ITEMS",
+                              "Items waiting to be scored before new requests are refused as overloaded")
+    max_body_bytes: int = _f(1 << 20, "RLHF_REWARD_MAX_BODY_BYTES",
+                             "REST: largest request body accepted; larger ones get 413")
+    api_keys: str = field(default="", repr=False, metadata={
+        "env": "RLHF_REWARD_API_KEYS",
+        "help": "Comma-separated API keys; when set, REST needs 'Authorization: Bearer <key>' and gRPC the "
+                "same 'authorization' metadata (health and /metrics stay open)"})
+    shadow_model: str = _f("", "RLHF_REWARD_SHADOW_MODEL",
+                           "Optional second model folder scored beside the live one, for comparison only")
+    model_name: str = _f("reward", "RLHF_REWARD_MODEL_NAME", "Name of the model in rlhf.weights records")
+    subscribe_weights: bool = _f(True, "RLHF_REWARD_SUBSCRIBE_WEIGHTS",
+                                 "Hot-swap to newer versions announced on rlhf.weights")
     torch_threads: int = _f(1, "RLHF_REWARD_TORCH_THREADS", "torch intra-op threads")
 
     def __post_init__(self):
         _check(bool(self.model), "RLHF_REWARD_MODEL", self.model, "must name a model folder")
         _check_port("RLHF_REWARD_PORT", self.port)
+        _check_port("RLHF_REWARD_HTTP_PORT", self.http_port)
         _check_port("RLHF_REWARD_METRICS_PORT", self.metrics_port)
         _check(self.max_length >= 8, "RLHF_REWARD_MAX_LENGTH", self.max_length, "must be >= 8")
         _check(self.max_batch_items >= 1, "RLHF_REWARD_MAX_BATCH_ITEMS", self.max_batch_items, "must be >= 1")
+        _check(self.max_batch_size >= 1, "RLHF_REWARD_MAX_BATCH_SIZE", self.max_batch_size, "must be >= 1")
+        _check(0 <= self.max_wait_ms <= 1000, "RLHF_REWARD_MAX_WAIT_MS", self.max_wait_ms, "must be in [0, 1000]")
+        _check(self.max_queue_items >= self.max_batch_items, "RLHF_REWARD_MAX_QUEUE_ITEMS", self.max_queue_items,
+               f"must be >= RLHF_REWARD_MAX_BATCH_ITEMS={self.max_batch_items}")
+        _check(self.max_body_bytes >= 1024, "RLHF_REWARD_MAX_BODY_BYTES", self.max_body_bytes, "must be >= 1024")
+        _check(bool(self.model_name), "RLHF_REWARD_MODEL_NAME", self.model_name, "must not be empty")
         _check(self.torch_threads >= 1, "RLHF_REWARD_TORCH_THREADS", self.torch_threads, "must be >= 1")
+        for k in self.api_key_list:
+            # The key itself is never shown, only its position.
+            _check(len(k) >= 8 and k.isprintable() and " " not in k, "RLHF_REWARD_API_KEYS",
+                   f"<key #{self.api_key_list.index(k) + 1} of {len(self.api_key_list)}>",
+                   "every key must be at least 8 printable characters without spaces")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
 @dataclass

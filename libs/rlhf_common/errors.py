@@ -19,6 +19,12 @@ class InvalidInput(RLHFError):
     http_status = 400
 
 
+class PayloadTooLarge(InvalidInput):
+    """The request body is over the configured size limit (gRPC enforces its own message limit)."""
+
+    http_status = 413
+
+
 class NotReady(RLHFError):
     """The service is loading or swapping weights and cannot answer yet."""
 

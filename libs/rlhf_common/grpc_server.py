@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -88,9 +88,12 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
 class Server:
     """A grpc.aio server with the standard health service and reflection."""
 
-    def __init__(self, host: str, port: int, service_names: list[str], metrics: RpcMetrics | None = None):
+    def __init__(self, host: str, port: int, service_names: list[str], metrics: RpcMetrics | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+        # Extra interceptors (e.g. auth) run inside the error interceptor, so what they
+        # raise is mapped to a status code and counted like any handler error.
         self.server = grpc.aio.server(
-            interceptors=[ErrorAndMetricsInterceptor(metrics)],
+            interceptors=[ErrorAndMetricsInterceptor(metrics), *interceptors],
             options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

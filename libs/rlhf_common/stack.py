@@ -129,7 +129,9 @@ class Stack:
         self.metrics_ports = {n: p[1] for n, p in ports.items()}
         self.configs = {
             "reward": RewardConfig(model=str(s.reward_model), port=ports["reward"][0],
-                                   metrics_port=ports["reward"][1]),
+                                   metrics_port=ports["reward"][1],
+                                   http_port=_field_default(RewardConfig, "http_port") if s.default_ports
+                                   else free_port()),
             "reference": ReferenceConfig(model=str(s.policy_model), port=ports["reference"][0],
                                          metrics_port=ports["reference"][1]),
             "trainer": TrainerConfig(

@@ -35,8 +35,8 @@ def services(tiny_models, tmp_path_factory, broker):
     logs = tmp_path_factory.mktemp("logs")
     bus = BusConfig(bootstrap=broker.bootstrap, topic_prefix="svc")
     ensure_topics(bus)
-    rcfg = RewardConfig(model=str(reward), port=free_port(), metrics_port=free_port(), max_length=24,
-                        max_batch_items=8)
+    rcfg = RewardConfig(model=str(reward), port=free_port(), metrics_port=free_port(), http_port=free_port(),
+                        max_length=24, max_batch_items=8)
     fcfg = ReferenceConfig(model=str(policy), port=free_port(), metrics_port=free_port(), max_batch_items=8)
     procs = [_start("rlhf_reward", rcfg, logs / "reward.log", bus),
              _start("rlhf_reference", fcfg, logs / "ref.log", bus)]

@@ -1,14 +1,33 @@
-"""Reward scoring, independent of gRPC."""
+"""Reward scoring, independent of gRPC and HTTP.
+
+`RewardModel` wraps one loaded checkpoint (blocking calls). `RewardCore` is what the
+servicers talk to: it validates input, batches concurrent requests dynamically into one
+forward pass on a worker thread, holds the live model behind a reference that a hot swap
+replaces atomically, scores an optional shadow model beside it, and keeps running
+statistics of the live scores.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_common.errors import InvalidInput
+from rlhf_common.algos.bradley_terry import preference_probability
+from rlhf_common.errors import InvalidInput, NotReady, Overloaded
+from rlhf_common.metrics import RewardMetrics
+from rlhf_common.running_stats import RunningStats, StatsSnapshot
+from rlhf_common.weights import MANIFEST
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,51 +38,376 @@ class ScoreItem:
 
 @dataclass(frozen=True)
 class ScoreResult:
+    # The model's raw logit for the (prompt, response) pair.
     score: float
+    # True when the pair was longer than the token limit and was truncated.
     truncated: bool
 
 
-class RewardModel:
-    """A transformers sequence-classification model with one output logit."""
+@dataclass(frozen=True)
+class ScoreOutput:
+    """Results in request order, all from the one model version named here."""
 
-    def __init__(self, model_dir: str, max_length: int, max_batch_items: int):
+    results: list[ScoreResult]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    score_a: float
+    score_b: float
+    truncated_a: bool
+    truncated_b: bool
+    # Bradley-Terry: P(a preferred over b) = sigmoid(score_a - score_b).
+    prob_a_preferred: float
+    model_version: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    model_version: str
+    version_number: int
+    sha256: str
+    max_length: int
+    max_batch_items: int
+    max_batch_size: int
+    reward: StatsSnapshot
+    shadow_model_version: str
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int):
+    """Tokenize (prompt, response) pairs the one way both serving and training do.
+
+    Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain
+    join. Returns the padded batch (truncated to max_length, longest part first) and,
+    per pair, whether it was truncated.
+    """
+    lengths = [len(ids) for ids in tokenizer(prompts, responses)["input_ids"]]
+    enc = tokenizer(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
+                    return_tensors="pt")
+    return enc, [n > max_length for n in lengths]
+
+
+def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped by length (shortest first) so that each group's padded size is at
+    most (1 + max_padding) times its real token count."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # the longest so far, since the order is ascending
+        if group and (len(group) + 1) * n > (1 + max_padding) * (real + n):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
+
+
+class RewardModel:
+    """A transformers sequence-classification model with one output logit (blocking calls).
+
+    `version` names the checkpoint in responses (its folder name unless given);
+    `version_number` orders checkpoints announced on rlhf.weights (-1: not from the store).
+    """
+
+    def __init__(self, model_dir: str | Path, max_length: int, version: str | None = None,
+                 version_number: int | None = None, sha256: str = ""):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model_dir = model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_dir = str(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {model_dir!r} has num_labels={self.model.config.num_labels}, expected 1")
+            raise ValueError(f"reward model {self.model_dir!r} has num_labels={self.model.config.num_labels}, "
+                             "expected 1")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.max_length = max_length
-        self.max_batch_items = max_batch_items
-        self.version = Path(model_dir).name
+        # Never past the model's own position limit, whatever the configured limit says.
+        model_limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
+        self.max_length = min(max_length, model_limit)
+        manifest = Path(self.model_dir) / MANIFEST
+        meta = json.loads(manifest.read_text()) if manifest.exists() else {}
+        self.version = version or Path(self.model_dir).name
+        self.version_number = version_number if version_number is not None else int(meta.get("version", -1))
+        self.sha256 = sha256 or meta.get("sha256", "")
+        # Most padding accepted in one forward pass, as a fraction of its real tokens.
+        self.max_padding = 0.25
         self._lock = threading.Lock()
 
-    def validate(self, items: list[ScoreItem]) -> None:
-        if not items:
-            raise InvalidInput("items: at least one (prompt, response) item is required")
-        if len(items) > self.max_batch_items:
-            raise InvalidInput(f"items: {len(items)} items exceed the limit of {self.max_batch_items}")
-        for i, it in enumerate(items):
-            # An empty response is a legitimate answer to score (often a bad one);
-            # an item with no text at all is not.
-            if not it.prompt.strip() and not it.response.strip():
-                raise InvalidInput(f"items[{i}]: prompt and response are both empty")
-
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
-        """Blocking: run it in an executor from async code."""
-        self.validate(items)
-        prompts = [it.prompt for it in items]
-        responses = [it.response for it in items]
-        # Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain join.
+        """Blocking: call it from a worker thread, never from the event loop."""
+        prompts, responses = [it.prompt for it in items], [it.response for it in items]
         full = self.tokenizer(prompts, responses)["input_ids"]
         truncated = [len(ids) > self.max_length for ids in full]
-        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length,
-                             padding=True, return_tensors="pt")
+        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        scores = [0.0] * len(items)
         with self._lock, torch.inference_mode():
-            logits = self.model(**enc).logits[:, 0]
-        return [ScoreResult(float(s), t) for s, t in zip(logits.tolist(), truncated)]
+            # On CPU the forward pass costs what its padded tokens cost: pairs of similar
+            # length are run together so that padding stays small.
+            for group in length_buckets(lengths, self.max_padding):
+                batch = self.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in group], return_tensors="pt")
+                for i, s in zip(group, self.model(**batch).logits[:, 0].tolist()):
+                    scores[i] = s
+        return [ScoreResult(float(s), t) for s, t in zip(scores, truncated)]
+
+
+def validate(items: list[ScoreItem], max_batch_items: int) -> None:
+    """Raise InvalidInput naming the first problem; the same rules for gRPC and REST."""
+    if not items:
+        raise InvalidInput("items: at least one (prompt, response) item is required")
+    if len(items) > max_batch_items:
+        raise InvalidInput(f"items: {len(items)} items exceed the limit of {max_batch_items}")
+    for i, it in enumerate(items):
+        for name in ("prompt", "response"):
+            text = getattr(it, name)
+            if not isinstance(text, str):
+                raise InvalidInput(f"items[{i}].{name}: must be a string, got {type(text).__name__}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidInput(f"items[{i}].{name}: not valid UTF-8 ({e.reason} at character {e.start})") \
+                    from None
+        # An empty response is a legitimate answer to score (often a bad one);
+        # an item with no text at all is not.
+        if not it.prompt.strip() and not it.response.strip():
+            raise InvalidInput(f"items[{i}]: prompt and response are both empty")
+
+
+@dataclass
+class _Pending:
+    items: list[ScoreItem]
+    future: asyncio.Future
+    enqueued: float
+
+
+class RewardCore:
+    """Dynamic batching over a hot-swappable live model, with an optional shadow model.
+
+    Requests queue on the event loop; one batching task takes every request that arrives
+    within `max_wait_s` of the oldest one, up to `max_batch_size` items (a request is never
+    split across batches), and scores them in a single forward pass on a dedicated worker
+    thread. Each batch reads the live model once, so every response comes from one version.
+    """
+
+    def __init__(self, model: RewardModel, metrics: RewardMetrics | None = None, *, max_batch_items: int = 256,
+                 max_batch_size: int = 32, max_wait_s: float = 0.005, max_queue_items: int = 4096,
+                 shadow: RewardModel | None = None, max_shadow_backlog: int = 4):
+        self._live = model
+        self.shadow = shadow
+        self.metrics = metrics
+        self.max_batch_items = max_batch_items
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_items = max_queue_items
+        self.stats = RunningStats()
+        self._queue: deque[_Pending] = deque()
+        self._queued_items = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
+        self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="reward-shadow")
+        self._shadow_backlog = 0
+        self._shadow_lock = threading.Lock()
+        self._max_shadow_backlog = max_shadow_backlog
+        self._swap_lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._batch_loop(), name="reward-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(NotReady("reward service is stopping"))
+        self._executor.shutdown(wait=True)
+        self._shadow_executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the API the servicers use ----------------------------------------------------
+
+    @property
+    def live(self) -> RewardModel:
+        return self._live
+
+    def validate(self, items: list[ScoreItem]) -> None:
+        validate(items, self.max_batch_items)
+
+    async def score(self, items: list[ScoreItem]) -> ScoreOutput:
+        self.validate(items)
+        if self._task is None:
+            raise NotReady("reward scorer is not running")
+        if self._queued_items + len(items) > self.max_queue_items:
+            raise Overloaded(f"{self._queued_items} items already queued (limit {self.max_queue_items}); "
+                             "retry later")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(list(items), fut, time.perf_counter()))
+        self._queued_items += len(items)
+        self._set_queued_gauge()
+        self._wake.set()
+        return await fut
+
+    async def compare(self, prompt: str, response_a: str, response_b: str) -> Comparison:
+        # Both responses go in one request, hence one batch and one model version.
+        out = await self.score([ScoreItem(prompt, response_a), ScoreItem(prompt, response_b)])
+        a, b = out.results
+        p = float(preference_probability(torch.tensor(a.score, dtype=torch.float64),
+                                         torch.tensor(b.score, dtype=torch.float64)))
+        return Comparison(a.score, b.score, a.truncated, b.truncated, p, out.model_version)
+
+    def info(self) -> ModelInfo:
+        m = self._live
+        return ModelInfo(
+            model_name=m.model_dir, model_version=m.version, version_number=m.version_number, sha256=m.sha256,
+            max_length=m.max_length, max_batch_items=self.max_batch_items, max_batch_size=self.max_batch_size,
+            reward=self.stats.snapshot(), shadow_model_version=self.shadow.version if self.shadow else "",
+        )
+
+    def swap(self, model: RewardModel) -> RewardModel:
+        """Make `model` the live one (any thread). Batches already running finish on the old
+        model; every later batch uses the new one. Returns the old model."""
+        with self._swap_lock:
+            old, self._live = self._live, model
+            self.stats.reset()
+        self._export_stats()
+        log.info("reward model swapped: %s -> %s", old.version, model.version)
+        return old
+
+    # -- batching ---------------------------------------------------------------------
+
+    def _set_queued_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queued_items.set(self._queued_items)
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            # Let others join until the batch is full or the oldest request has waited max_wait.
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while self._queued_items < self.max_batch_size:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+                self._wake.clear()
+            batch: list[_Pending] = []
+            n = 0
+            while self._queue and (not batch or n + len(self._queue[0].items) <= self.max_batch_size):
+                p = self._queue.popleft()
+                self._queued_items -= len(p.items)
+                if p.future.done():  # the caller went away
+                    continue
+                batch.append(p)
+                n += len(p.items)
+            self._set_queued_gauge()
+            if self._queue:
+                self._wake.set()
+            if not batch:
+                continue
+            model = self._live
+            items = [it for p in batch for it in p.items]
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._score_chunks, model, items)
+            except Exception as e:  # reported to every caller of the batch, then go on
+                log.exception("scoring a batch of %d items failed", len(items))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            self._observe(model, batch, results, t0)
+            i = 0
+            for p in batch:
+                part = results[i:i + len(p.items)]
+                i += len(p.items)
+                if not p.future.done():
+                    p.future.set_result(ScoreOutput(part, model.version))
+            if self.shadow is not None:
+                self._submit_shadow(items, [r.score for r in results])
+
+    def _score_chunks(self, model: RewardModel, items: list[ScoreItem]) -> list[ScoreResult]:
+        # A single request may hold more items than a forward pass takes.
+        out: list[ScoreResult] = []
+        for i in range(0, len(items), self.max_batch_size):
+            out.extend(model.score(items[i:i + self.max_batch_size]))
+        return out
+
+    def _observe(self, model: RewardModel, batch: list[_Pending], results: list[ScoreResult], t0: float) -> None:
+        if model is self._live:
+            self.stats.update(r.score for r in results)
+            self._export_stats()
+        m = self.metrics
+        if m is None:
+            return
+        m.batch_size.observe(len(results))
+        m.batch_seconds.observe(time.perf_counter() - t0)
+        for p in batch:
+            m.queue_wait.observe(t0 - p.enqueued)
+        m.items.inc(len(results))
+        m.truncated.inc(sum(r.truncated for r in results))
+
+    def _export_stats(self) -> None:
+        if self.metrics is None:
+            return
+        s = self.stats.snapshot()
+        self.metrics.score_mean.set(s.mean)
+        self.metrics.score_std.set(s.std)
+        self.metrics.score_count.set(s.count)
+
+    # -- shadow model -----------------------------------------------------------------
+
+    def _submit_shadow(self, items: list[ScoreItem], live_scores: list[float]) -> None:
+        """Score the shadow model off the response path; drop work rather than fall behind."""
+        with self._shadow_lock:
+            full = self._shadow_backlog >= self._max_shadow_backlog
+            if not full:
+                self._shadow_backlog += 1
+        if full:
+            if self.metrics is not None:
+                self.metrics.shadow_items.labels("skipped").inc(len(items))
+            return
+        shadow = self.shadow
+        fut = self._shadow_executor.submit(self._score_chunks, shadow, items)
+
+        def done(f) -> None:
+            with self._shadow_lock:
+                self._shadow_backlog -= 1
+            try:
+                shadow_scores = [r.score for r in f.result()]
+            except Exception:
+                log.exception("shadow model %s failed on %d items", shadow.version, len(items))
+                if self.metrics is not None:
+                    self.metrics.shadow_items.labels("failed").inc(len(items))
+                return
+            diffs = [a - b for a, b in zip(live_scores, shadow_scores)]
+            if self.metrics is not None:
+                self.metrics.shadow_items.labels("scored").inc(len(items))
+                for d in diffs:
+                    self.metrics.shadow_diff.observe(d)
+            log.info("shadow %s: %d items, mean live-shadow %+.4f; first item live %.4f shadow %.4f",
+                     shadow.version, len(diffs), sum(diffs) / len(diffs), live_scores[0], shadow_scores[0])
+
+        fut.add_done_callback(done)

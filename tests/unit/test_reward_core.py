@@ -1,0 +1,219 @@
+"""RewardCore on a real tiny model: dynamic batching, validation, swaps, stats, shadow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rlhf_common.config import ConfigError, RewardConfig
+from rlhf_common.errors import InvalidInput, Overloaded
+from rlhf_common.metrics import RewardMetrics
+from rlhf_common.models import make_tiny_llama, make_tiny_reward_model
+from rlhf_reward.core import RewardCore, RewardModel, ScoreItem
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    policy = make_tiny_llama(root / "policy")
+    return make_tiny_reward_model(root / "reward-a", policy, seed=1), make_tiny_reward_model(root / "reward-b",
+                                                                                              policy, seed=2)
+
+
+def _items(n, tag=""):
+    return [ScoreItem(f"Tell me about the cat {tag}{i}.", " The dog sings" + " and runs" * (i % 3)) for i in range(n)]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_batches_and_match_unbatched_scores(tiny):
+    model = RewardModel(tiny[0], max_length=64)
+    reg = CollectorRegistry()
+    m = RewardMetrics(reg)
+
+    async def go():
+        core = RewardCore(model, m, max_batch_size=16, max_wait_s=0.05)
+        await core.start()
+        try:
+            reqs = [_items(2, tag=f"r{k}-") for k in range(8)]
+            outs = await asyncio.gather(*(core.score(r) for r in reqs))
+            return reqs, outs
+        finally:
+            await core.stop()
+
+    reqs, outs = _run(go())
+    n_batches = reg.get_sample_value("rlhf_reward_batch_items_count")
+    assert reg.get_sample_value("rlhf_reward_batch_items_sum") == 16
+    assert n_batches < 8  # 8 concurrent requests did not run one by one
+    for req, out in zip(reqs, outs):
+        alone = model.score(req)
+        assert out.model_version == "reward-a"
+        assert [r.score for r in out.results] == pytest.approx([r.score for r in alone], abs=1e-5)
+    assert reg.get_sample_value("rlhf_reward_scored_items_total") == 16
+    assert reg.get_sample_value("rlhf_reward_score_samples") == 16
+
+
+def test_a_request_larger_than_a_batch_is_scored_in_chunks(tiny):
+    model = RewardModel(tiny[0], max_length=64)
+
+    async def go():
+        core = RewardCore(model, None, max_batch_size=4, max_batch_items=32)
+        await core.start()
+        try:
+            return await core.score(_items(10))
+        finally:
+            await core.stop()
+
+    out = _run(go())
+    assert [r.score for r in out.results] == pytest.approx([r.score for r in model.score(_items(10))], abs=1e-5)
+
+
+@pytest.mark.parametrize("items,needle", [
+    ([], "at least one"),
+    ([ScoreItem("", " ")], "both empty"),
+    ([ScoreItem("a", "b")] * 5, "5 items exceed the limit of 4"),
+    ([ScoreItem("a\ud800", "b")], "items[0].prompt: not valid UTF-8"),
+    ([ScoreItem("a", 3)], "items[0].response: must be a string"),
+])
+def test_validation(tiny, items, needle):
+    core = RewardCore(RewardModel(tiny[0], max_length=64), None, max_batch_items=4)
+    with pytest.raises(InvalidInput) as e:
+        core.validate(items)
+    assert needle in str(e.value)
+
+
+def test_overload_is_refused_not_queued(tiny):
+    async def go():
+        core = RewardCore(RewardModel(tiny[0], max_length=64), None, max_batch_items=8, max_queue_items=8,
+                          max_wait_s=0.2)
+        await core.start()
+        try:
+            first = asyncio.create_task(core.score(_items(8)))
+            await asyncio.sleep(0)  # queued, not yet taken (the batcher waits up to 0.2 s)
+            with pytest.raises(Overloaded, match="already queued"):
+                await core.score(_items(1))
+            return await first
+        finally:
+            await core.stop()
+
+    assert len(_run(go()).results) == 8
+
+
+def test_swap_changes_version_and_resets_stats(tiny):
+    a, b = RewardModel(tiny[0], max_length=64), RewardModel(tiny[1], max_length=64, version_number=3)
+
+    async def go():
+        core = RewardCore(a, None)
+        await core.start()
+        try:
+            before = await core.score(_items(3))
+            assert core.info().reward.count == 3
+            core.swap(b)
+            assert core.info().reward.count == 0
+            after = await core.score(_items(3))
+            return before, after, core.info()
+        finally:
+            await core.stop()
+
+    before, after, info = _run(go())
+    assert before.model_version == "reward-a" and after.model_version == "reward-b"
+    assert [r.score for r in after.results] == pytest.approx([r.score for r in b.score(_items(3))], abs=1e-5)
+    assert info.version_number == 3 and info.reward.count == 3
+
+
+def test_compare_is_the_sigmoid_of_the_score_difference(tiny):
+    import math
+
+    model = RewardModel(tiny[0], max_length=64)
+
+    async def go():
+        core = RewardCore(model, None)
+        await core.start()
+        try:
+            return await core.compare("Tell me about the cat.", " The cat sings.", " No.")
+        finally:
+            await core.stop()
+
+    c = _run(go())
+    assert c.prob_a_preferred == pytest.approx(1 / (1 + math.exp(-(c.score_a - c.score_b))), abs=1e-12)
+    s = model.score([ScoreItem("Tell me about the cat.", " The cat sings."), ScoreItem("Tell me about the cat.", " No.")])
+    assert (c.score_a, c.score_b) == pytest.approx((s[0].score, s[1].score), abs=1e-5)
+
+
+def test_shadow_scores_are_exported_and_never_returned(tiny):
+    live, shadow = RewardModel(tiny[0], max_length=64), RewardModel(tiny[1], max_length=64)
+    reg = CollectorRegistry()
+
+    async def go():
+        core = RewardCore(live, RewardMetrics(reg), shadow=shadow)
+        await core.start()
+        try:
+            out = await core.score(_items(4))
+            for _ in range(100):  # the shadow runs after the response, on its own thread
+                if reg.get_sample_value("rlhf_reward_shadow_diff_count"):
+                    break
+                await asyncio.sleep(0.05)
+            return out
+        finally:
+            await core.stop()
+
+    out = _run(go())
+    want_live = [r.score for r in live.score(_items(4))]
+    want_shadow = [r.score for r in shadow.score(_items(4))]
+    assert [r.score for r in out.results] == pytest.approx(want_live, abs=1e-5)
+    assert reg.get_sample_value("rlhf_reward_shadow_diff_count") == 4
+    diffs = [a - b for a, b in zip(want_live, want_shadow)]
+    assert any(abs(d) > 1e-3 for d in diffs)  # the two models do disagree
+    # (a histogram with negative buckets exports no _sum; its buckets hold the diffs)
+    for le in ("-0.1", "0.0", "0.1"):
+        assert reg.get_sample_value("rlhf_reward_shadow_diff_bucket", {"le": le}) == \
+            sum(d <= float(le) for d in diffs)
+
+
+def test_max_length_is_capped_at_the_model_limit(tiny):
+    assert RewardModel(tiny[0], max_length=100_000).max_length == 512
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("http_port", 70000, "RLHF_REWARD_HTTP_PORT=70000"),
+    ("max_batch_size", 0, "RLHF_REWARD_MAX_BATCH_SIZE=0"),
+    ("max_wait_ms", -1.0, "RLHF_REWARD_MAX_WAIT_MS=-1.0"),
+    ("max_body_bytes", 10, "RLHF_REWARD_MAX_BODY_BYTES=10"),
+    ("api_keys", "short", "at least 8 printable characters"),
+])
+def test_config_rejects_bad_values(field, value, needle):
+    with pytest.raises(ConfigError) as e:
+        RewardConfig(model="/m", **{field: value})
+    assert needle in str(e.value)
+
+
+def test_config_from_env_and_keys_never_shown(monkeypatch):
+    monkeypatch.setenv("RLHF_REWARD_MODEL", "/m")
+    monkeypatch.setenv("RLHF_REWARD_HTTP_PORT", "8100")
+    monkeypatch.setenv("RLHF_REWARD_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("RLHF_REWARD_API_KEYS", "secret-key-1, secret-key-2")
+    cfg = RewardConfig.load()
+    assert cfg.http_port == 8100 and cfg.max_wait_ms == 2.5
+    assert cfg.api_key_list == ["secret-key-1", "secret-key-2"]
+    assert "secret" not in repr(cfg)
+    with pytest.raises(ConfigError) as e:
+        RewardConfig(model="/m", api_keys="good-key-123,bad")
+    assert "good-key" not in str(e.value) and "bad" not in str(e.value)
+
+
+def test_length_buckets_bound_padding_and_cover_every_item():
+    from rlhf_reward.core import length_buckets
+
+    lengths = [50, 10, 12, 100, 11, 52, 13, 120]
+    groups = length_buckets(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        ls = [lengths[i] for i in g]
+        assert ls == sorted(ls)
+        assert len(ls) * max(ls) <= 1.25 * sum(ls)
+    assert groups[0] == [1, 4, 2, 6]  # 10, 11, 12, 13 run together
+    assert length_buckets([], 0.25) == []
