@@ -26,13 +26,15 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
     registry = CollectorRegistry()
     m = metrics_mod.PolicyMetrics(registry)
     metrics_mod.serve(cfg.metrics_port, registry)
+    # Bind the gRPC port before the engine takes its minute to start, so nothing else can
+    # take it meanwhile; health answers only once the server runs.
+    server = Server(cfg.host, cfg.port, [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name], m)
     engine = PolicyEngine(cfg)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, engine.start)
     m.version.set(engine.served.version)
     await loop.run_in_executor(None, ensure_topics, bus)
 
-    server = Server(cfg.host, cfg.port, [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name], m)
     recorder = GenerationRecorder(bus) if cfg.record_generations else None
     m.in_flight.set_function(lambda: engine.in_flight)
     m.waiting.set_function(lambda: engine.waiting)

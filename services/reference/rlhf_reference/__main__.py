@@ -26,8 +26,8 @@ async def amain(cfg: ReferenceConfig, bus: BusConfig) -> None:
     registry = CollectorRegistry()
     m = metrics_mod.ReferenceMetrics(registry)
     metrics_mod.serve(cfg.metrics_port, registry)
-    model = ReferenceModel(cfg.model, cfg.max_batch_items)
     server = Server(cfg.host, cfg.port, [reference_pb2.DESCRIPTOR.services_by_name["ReferenceService"].full_name], m)
+    model = ReferenceModel(cfg.model, cfg.max_batch_items)
     reference_pb2_grpc.add_ReferenceServiceServicer_to_server(ReferenceServicer(model, m), server.server)
     loops = []
     if cfg.subscribe:

@@ -27,6 +27,9 @@ async def amain(cfg: RewardConfig, bus: BusConfig) -> None:
     registry = CollectorRegistry()
     m = metrics_mod.RewardMetrics(registry)
     metrics_mod.serve(cfg.metrics_port, registry)
+    keys = ApiKeys(cfg.api_key_list)
+    # Bind the gRPC port before loading models, so nothing else can take it meanwhile.
+    server = Server(cfg.host, cfg.port, [SERVICE], m, interceptors=[GrpcAuthInterceptor(keys, SERVICE)])
     loop = asyncio.get_running_loop()
     model = await loop.run_in_executor(None, RewardModel, cfg.model, cfg.max_length)
     shadow = None
@@ -35,12 +38,10 @@ async def amain(cfg: RewardConfig, bus: BusConfig) -> None:
     core = RewardCore(model, m, max_batch_items=cfg.max_batch_items, max_batch_size=cfg.max_batch_size,
                       max_wait_s=cfg.max_wait_ms / 1000, max_queue_items=cfg.max_queue_items, shadow=shadow)
     await core.start()
-    keys = ApiKeys(cfg.api_key_list)
     log.info("model %s (version %s, max_length %d); shadow %s; API keys %s", model.model_dir, model.version,
              model.max_length, shadow.version if shadow else "none",
              f"required ({len(cfg.api_key_list)})" if keys.enabled else "not required")
 
-    server = Server(cfg.host, cfg.port, [SERVICE], m, interceptors=[GrpcAuthInterceptor(keys, SERVICE)])
     add_to_server(RewardServicer(core), server.server)
 
     rest = None
