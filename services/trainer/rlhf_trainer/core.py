@@ -55,6 +55,17 @@ class StepStats:
     rollouts: int
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Counters as of the last completed step, replaced as a whole so readers (the Status
+    RPC) never see a step without its version."""
+
+    step: int
+    version: int
+    rollouts_consumed: int
+    groups_consumed: int
+
+
 class GroupBuffer:
     """Collects rollouts into complete prompt groups, keeping arrival order."""
 
@@ -135,6 +146,7 @@ class Trainer:
                         newest.version, self.version)
             self.version = newest.version
         self.recent: collections.deque[StepStats] = collections.deque(maxlen=64)
+        self.progress = self._progress()
         self.evaluator = None
         self.last_eval = None
         self.paused = threading.Event()
@@ -224,6 +236,7 @@ class Trainer:
                     if self.evaluator is not None and self.step % self.cfg.eval_every == 0:
                         self.run_eval(reward, reference)
                 consumer.commit_offsets(self.offsets)
+                self.progress = self._progress()
         finally:
             consumer.close()
             producer.close()
@@ -280,6 +293,9 @@ class Trainer:
         m.step.set(self.step)
         return stats
 
+    def _progress(self) -> Progress:
+        return Progress(self.step, self.version, self.rollouts_consumed, self.groups_consumed)
+
     def _make_evaluator(self, reward: RewardClient):
         if not self.cfg.eval_every:
             return None
@@ -331,6 +347,7 @@ class Trainer:
         log.info("step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
                  stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.kl_beta,
                  stats.loss, stats.version_lag_mean, stats.rollouts, stats.step_seconds)
+        self.progress = self._progress()  # last: Status sees the whole step or none of it
 
     def _announce(self, producer: Producer, topic: str, version: int, path: str, sha256: str) -> None:
         update = events_pb2.WeightUpdate(

@@ -19,13 +19,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         last_eval = None if e is None else trainer_pb2.EvalStats(
             step=e.step, version=e.version, win_rate=e.win_rate, kl=e.kl, response_length=e.response_length,
             reward_mean=e.reward_mean, baseline_reward_mean=e.baseline_reward_mean, prompts=e.prompts)
+        p = t.progress
         return trainer_pb2.StatusResponse(
             last_eval=last_eval,
-            step=t.step,
-            version=t.version,
+            step=p.step,
+            version=p.version,
             paused=t.paused.is_set(),
-            rollouts_consumed=t.rollouts_consumed,
-            groups_consumed=t.groups_consumed,
+            rollouts_consumed=p.rollouts_consumed,
+            groups_consumed=p.groups_consumed,
             algorithm=t.cfg.algorithm,
             recent=[
                 trainer_pb2.StepStats(
