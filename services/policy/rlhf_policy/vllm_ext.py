@@ -14,7 +14,6 @@ with ``process_weights_after_loading``. On GPU the patch is a no-op.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -111,11 +110,3 @@ class WeightUpdateExtension:
                 method.process_weights_after_loading(module)
                 repacked += 1
         return {"tensors": len(merged), "repacked": repacked, "seconds": time.perf_counter() - t0}
-
-    def rlhf_weights_digest(self) -> str:
-        """sha256 over the served parameters (for debugging weight drift)."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.model_runner.model.named_parameters()):  # type: ignore[attr-defined]
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
