@@ -48,7 +48,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context: grpc.aio.ServicerContext):
-                t0, code = time.perf_counter(), grpc.StatusCode.OK
+                t0, code, recorded = time.perf_counter(), grpc.StatusCode.OK, False
                 try:
                     return await inner(request, context)
                 except asyncio.CancelledError:
@@ -56,9 +56,12 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # mapped to a status, never swallowed
                     code, msg = await fail(exc, context)
+                    record(code, t0)  # before the caller can see the error
+                    recorded = True
                     await context.abort(code, msg)
                 finally:
-                    record(code, t0)
+                    if not recorded:
+                        record(code, t0)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
@@ -67,7 +70,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream
 
         async def stream(request, context: grpc.aio.ServicerContext):
-            t0, code = time.perf_counter(), grpc.StatusCode.OK
+            t0, code, recorded = time.perf_counter(), grpc.StatusCode.OK, False
             try:
                 async for item in inner_stream(request, context):
                     yield item
@@ -76,9 +79,12 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as exc:
                 code, msg = await fail(exc, context)
+                record(code, t0)  # before the caller can see the error
+                recorded = True
                 await context.abort(code, msg)
             finally:
-                record(code, t0)
+                if not recorded:
+                    record(code, t0)
 
         return grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=handler.request_deserializer,
