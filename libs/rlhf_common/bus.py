@@ -118,6 +118,7 @@ class Consumer(Generic[M]):
         id_of: Callable[[M], str] | None = None,
         from_beginning: bool = True,
         dedup_window: int = 100_000,
+        fetch_max_wait_ms: int = 500,
     ):
         self.topic = topic
         self.record_type = record_type
@@ -133,6 +134,7 @@ class Consumer(Generic[M]):
             client_id=client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
+            fetch_max_wait_ms=fetch_max_wait_ms,
         )
         deadline = time.monotonic() + 30
         parts = self._c.partitions_for_topic(topic)

@@ -36,6 +36,10 @@ class PolicyMetrics(RpcMetrics):
         self.weight_sync = Histogram("rlhf_policy_weight_sync_seconds",
                                      "Seconds from WeightUpdate received to serving the new version",
                                      buckets=SYNC_BUCKETS, registry=registry)
+        self.weight_event_to_serving = Histogram(
+            "rlhf_policy_weight_event_to_serving_seconds",
+            "Seconds from a WeightUpdate's creation (producer clock) to serving it, Kafka delivery included",
+            buckets=SYNC_BUCKETS, registry=registry)
         self.weight_updates = Counter("rlhf_policy_weight_updates_total", "Weight updates by outcome",
                                       ["outcome"], registry=registry)
         self.ttft = Histogram("rlhf_policy_time_to_first_token_seconds",

@@ -145,7 +145,7 @@ class Stack:
             "policy": PolicyConfig(
                 model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],
                 rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
-                dtype=s.policy_dtype, rollout_enabled=s.rollout_enabled,
+                dtype=s.policy_dtype, rollout_enabled=s.rollout_enabled, lora_preload=s.lora_rank > 0,
             ),
         }
         for name in s.services:

@@ -32,6 +32,7 @@ async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
     engine = PolicyEngine(cfg)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, engine.start)
+    await engine.prepare()
     m.version.set(engine.served.version)
     await loop.run_in_executor(None, ensure_topics, bus)
 

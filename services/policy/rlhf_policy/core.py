@@ -139,6 +139,12 @@ class PolicyEngine:
         except FileNotFoundError:
             self.served.sha256 = ""
 
+    async def prepare(self) -> None:
+        """Work after start that needs the event loop: reading the LoRA base, if configured."""
+        if self.cfg.lora_preload:
+            info = await self.engine.collective_rpc("rlhf_prepare_lora", args=(self.cfg.model,))
+            log.info("LoRA base read for merging: %s", info)
+
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -264,10 +270,11 @@ class PolicyEngine:
         await self._lock.acquire_write()
         try:
             if lora:
-                await self.engine.collective_rpc("rlhf_load_lora", args=(self.cfg.model, str(path)))
+                info = await self.engine.collective_rpc("rlhf_load_lora", args=(self.cfg.model, str(path)))
             else:
-                await self.engine.collective_rpc("rlhf_load_weights", args=(str(path),))
+                info = await self.engine.collective_rpc("rlhf_load_weights", args=(str(path),))
             await self.engine.reset_prefix_cache()
+            log.info("version %d loaded (%s): %s", version, "lora" if lora else "full", info)
             self.served = ServedWeights(version=version, sha256=sha256, uri=uri)
         finally:
             await self._lock.release_write()

@@ -14,6 +14,7 @@ with ``process_weights_after_loading``. On GPU the patch is a no-op.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -59,54 +60,117 @@ class WeightUpdateExtension:
             model.load_weights(weights=tensors.items())
         device = next(model.parameters()).device
         process_weights_after_loading(model, self.model_runner.model_config, device)  # type: ignore[attr-defined]
+        # Any weight may now differ from the LoRA base: the next adapter restores them all.
+        self._rlhf_lora_merged = None
         return {"tensors": n, "seconds": time.perf_counter() - t0}
+
+    def rlhf_prepare_lora(self, base_dir: str) -> dict:
+        """Read the base weights that adapters are merged onto, ahead of the first adapter."""
+        t0 = time.perf_counter()
+        base = self._lora_base(base_dir)
+        self._lora_scratch(max(w.numel() for n, w in base.items() if w.ndim == 2 and "embed" not in n))
+        return {"tensors": len(base), "seconds": time.perf_counter() - t0}
+
+    def _lora_base(self, base_dir: str) -> dict:
+        from safetensors.torch import load_file
+
+        if getattr(self, "_rlhf_lora_base_dir", None) != base_dir:
+            base: dict = {}
+            for f in sorted(Path(base_dir).glob("*.safetensors")):
+                # Copies the tensors out of the file's memory map, so merges never page-fault.
+                base.update({k: v.clone() for k, v in load_file(str(f)).items()})
+            if not base:
+                raise FileNotFoundError(f"no *.safetensors in {base_dir!r}")
+            self._rlhf_lora_base, self._rlhf_lora_base_dir = base, base_dir
+        if not hasattr(self, "_rlhf_lora_merged"):
+            # Names served with an adapter merged in; None = unknown (after a full load).
+            self._rlhf_lora_merged: set | None = set()
+        return self._rlhf_lora_base
+
+    def _lora_scratch(self, numel: int) -> torch.Tensor:
+        """A float32 buffer of at least numel elements, kept between updates."""
+        scratch = getattr(self, "_rlhf_lora_scratch", None)
+        if scratch is None or scratch.numel() < numel:
+            scratch = self._rlhf_lora_scratch = torch.zeros(numel, dtype=torch.float32)  # zeros: touch every page
+        return scratch
 
     def rlhf_load_lora(self, base_dir: str, adapter_dir: str) -> dict:
         """Serve base + a PEFT LoRA adapter, merged: W = W_base + scale * B @ A.
 
-        The base tensors are read once and kept, so every adapter version is merged onto the
-        same base (versions never stack). Only the adapted weights are reloaded.
+        Every adapter version is merged onto the same base (versions never stack); a weight
+        that the previous adapter changed and this one does not is put back to the base.
+        The sum is formed in float32 (in a scratch buffer kept between updates) and rounded
+        once to the serving dtype, so the result equals merging in float32 by hand. Only the
+        layers that hold changed weights are re-packed.
         """
         from safetensors.torch import load_file
         from vllm.model_executor.layers.linear import LinearBase
 
         t0 = time.perf_counter()
         model = self.model_runner.model  # type: ignore[attr-defined]
-        base = getattr(self, "_rlhf_lora_base", None)
-        if base is None or getattr(self, "_rlhf_lora_base_dir", None) != base_dir:
-            base = {}
-            for f in sorted(Path(base_dir).glob("*.safetensors")):
-                base.update(load_file(str(f)))
-            self._rlhf_lora_base, self._rlhf_lora_base_dir = base, base_dir
+        base = self._lora_base(base_dir)
         cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         adapter = {}
         for f in sorted(Path(adapter_dir).glob("*.safetensors")):
             adapter.update(load_file(str(f)))
-        merged = {}
+        pairs = {}
         for key, a in adapter.items():
             if ".lora_A." not in key:
                 continue
-            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            b = adapter.get(key.replace(".lora_A.", ".lora_B."))
+            if b is None:
+                raise KeyError(f"adapter {adapter_dir!r} has {key!r} without its lora_B")
             module = key.split(".lora_A.")[0]
             if module.startswith("base_model.model."):
                 module = module[len("base_model.model."):]
             name = module + ".weight"
             if name not in base:
                 raise KeyError(f"adapter targets {name!r}, which the base model {base_dir!r} does not have")
-            w = base[name]
-            merged[name] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-        if not merged:
+            if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(base[name].shape):
+                raise ValueError(f"adapter {key!r}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not match "
+                                 f"{name!r} {tuple(base[name].shape)}")
+            pairs[name] = (a, b)
+        if not pairs:
             raise ValueError(f"no lora_A/lora_B pairs in {adapter_dir!r}")
-        model.load_weights(weights=merged.items())
-        # Re-pack only the layers that hold adapted weights: the embedding and LM head (the
+        t_read = time.perf_counter()
+
+        scratch = self._lora_scratch(max(base[n].numel() for n in pairs))
+
+        def merged():
+            # One weight at a time: vLLM's loader copies each into its parameter before taking
+            # the next, so the freed buffer is reused for the next one.
+            for name, (a, b) in pairs.items():
+                w = base[name]
+                acc = scratch[: w.numel()].view(w.shape)
+                acc.copy_(w)
+                acc.addmm_(b.float(), a.float(), alpha=scale)
+                yield name, acc.to(w.dtype)
+
+        everything = self._rlhf_lora_merged is None
+        changed = set(base) if everything else self._rlhf_lora_merged
+        restored = {n: base[n] for n in changed - pairs.keys()}
+        model.load_weights(weights=itertools.chain(merged(), restored.items()))
+        self._rlhf_lora_merged = set(pairs)
+        t_load = time.perf_counter()
+        # Re-pack only the layers that hold changed weights: the embedding and LM head (the
         # largest matrices) are untouched by an adapter, so they keep their packed handles.
-        prefixes = tuple({name.rsplit(".", 2)[0] + "." for name in merged})
         repacked = 0
-        for mod_name, module in model.named_modules():
-            method = getattr(module, "quant_method", None)
-            if isinstance(module, LinearBase) and method is not None and (mod_name + ".").startswith(prefixes):
-                method.process_weights_after_loading(module)
-                repacked += 1
-        return {"tensors": len(merged), "repacked": repacked, "seconds": time.perf_counter() - t0}
+        if everything:
+            from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+            process_weights_after_loading(model, self.model_runner.model_config,  # type: ignore[attr-defined]
+                                          next(model.parameters()).device)
+            repacked = -1  # all
+        else:
+            prefixes = tuple({n.rsplit(".", 2)[0] + "." for n in (*pairs, *restored)})
+            for mod_name, module in model.named_modules():
+                method = getattr(module, "quant_method", None)
+                if (isinstance(module, LinearBase) and method is not None
+                        and (mod_name + ".").startswith(prefixes)):
+                    method.process_weights_after_loading(module)
+                    repacked += 1
+        t_end = time.perf_counter()
+        return {"tensors": len(pairs), "restored": len(restored), "repacked": repacked, "seconds": t_end - t0,
+                "phases": {"read": t_read - t0, "merge_load": t_load - t_read, "repack": t_end - t_load}}

@@ -40,7 +40,7 @@ class WeightSubscriber(BackgroundLoop):
 
     def loop_body(self) -> None:
         c = Consumer(self.bus, Topics(self.bus.topic_prefix).weights, events_pb2.WeightUpdate, group_id=None,
-                     client_id="policy-weights")
+                     client_id="policy-weights", fetch_max_wait_ms=self.cfg.weights_fetch_wait_ms)
         try:
             while not self.stopping.is_set():
                 got = False
@@ -71,6 +71,10 @@ class WeightSubscriber(BackgroundLoop):
                 self.metrics.weight_updates.labels("failed").inc()
                 return
             self.metrics.weight_sync.observe(time.perf_counter() - t_recv)
+            # From the trainer's announcement (its wall clock) to serving, Kafka delivery included;
+            # not for updates read while catching up on the topic at start.
+            if u.created_unix_ms > 0 and self.caught_up.is_set():
+                self.metrics.weight_event_to_serving.observe(max(0.0, (now_ms() - u.created_unix_ms) / 1000))
             self.metrics.weight_updates.labels("rolled_back" if u.rollback else "applied").inc()
             self.metrics.version.set(u.version)
             log.info("serving version %d (%s)", u.version, u.sha256[:12])
