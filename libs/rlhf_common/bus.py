@@ -79,10 +79,12 @@ class Producer:
             retries=5,
         )
 
-    def send(self, topic: str, key: str, record: Message, wait: bool = True) -> None:
+    def send(self, topic: str, key: str, record: Message, wait: bool = True):
+        """With wait=False, returns kafka-python's future (`failed()`, `exception`) without waiting."""
         fut = self._p.send(topic, key=key.encode(), value=record.SerializeToString())
         if wait:
             fut.get(timeout=30)
+        return fut
 
     def flush(self) -> None:
         self._p.flush()

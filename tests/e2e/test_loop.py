@@ -110,7 +110,7 @@ def test_policy_after_update_equals_transformers_on_saved_weights(loop_run):
     checked = 0
     for prompt in tiny_prompts(4, seed=123):
         resp = policy.Generate(policy_pb2.GenerateRequest(
-            prompt=prompt, sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=16)))
+            prompt=prompt, sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=16, logprobs=True)))
         assert resp.policy_version == status.version >= 3
         ckpt = store.load_manifest("policy", resp.policy_version)
         model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()

@@ -55,7 +55,7 @@ def test_policy_serves_base_plus_adapter_exactly(lora_run):
     differs = 0
     for prompt in tiny_prompts(4, seed=321):
         resp = policy.Generate(policy_pb2.GenerateRequest(
-            prompt=prompt, sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=16)))
+            prompt=prompt, sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=16, logprobs=True)))
         assert resp.policy_version == status.version
         c, p = resp.completions[0], list(resp.prompt_token_ids)
         ids = torch.tensor([p + list(c.token_ids)])

@@ -55,6 +55,7 @@ def versions(policy_stack, tmp_path_factory):
 
 
 def _greedy(prompt: str, **kw) -> policy_pb2.GenerateRequest:
+    kw.setdefault("logprobs", True)
     return policy_pb2.GenerateRequest(prompt=prompt, sampling=policy_pb2.SamplingParams(
         temperature=0.0, max_tokens=MAX_TOKENS, **kw))
 
@@ -92,6 +93,7 @@ def test_stream_equals_unary(policy_stack):
     unary = stub.Generate(_greedy(PROMPTS[0]))
     chunks = list(stub.GenerateStream(_greedy(PROMPTS[0])))
     assert len(chunks) > 1  # it really streams
+    assert len(unary.completions[0].logprobs) == len(unary.completions[0].token_ids)
     assert [t for c in chunks for t in c.token_ids] == list(unary.completions[0].token_ids)
     assert "".join(c.text for c in chunks) == unary.completions[0].text
     assert sum((list(c.logprobs) for c in chunks), []) == pytest.approx(list(unary.completions[0].logprobs))
@@ -101,6 +103,16 @@ def test_stream_equals_unary(policy_stack):
     text = scrape(st.metrics_ports["policy"])
     assert metric_value(text, "rlhf_policy_time_to_first_token_seconds_count") >= 1
     assert metric_value(text, "rlhf_policy_requests_total", {"method": "GenerateStream", "code": "OK"}) >= 1
+
+
+def test_logprobs_only_when_asked(policy_stack):
+    _, stub = policy_stack
+    asked = stub.Generate(_greedy(PROMPTS[0]))
+    plain = stub.Generate(_greedy(PROMPTS[0], logprobs=False))
+    assert list(plain.completions[0].token_ids) == list(asked.completions[0].token_ids)
+    assert len(asked.completions[0].logprobs) == len(asked.completions[0].token_ids) > 0
+    assert list(plain.completions[0].logprobs) == []
+    assert all(not c.logprobs for c in stub.GenerateStream(_greedy(PROMPTS[0], logprobs=False)))
 
 
 def test_stop_strings_cut_the_answer(policy_stack):

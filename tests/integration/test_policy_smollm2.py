@@ -39,7 +39,7 @@ def _answers(addr: str) -> list[policy_pb2.GenerateResponse]:
     stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(addr))
     return [stub.Generate(policy_pb2.GenerateRequest(
         messages=[policy_pb2.ChatMessage(role="user", content=q)],
-        sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))) for q in QUESTIONS]
+        sampling=policy_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=True))) for q in QUESTIONS]
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ class Sampling:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # return the sampled tokens' log-probs
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Completion:
     generation_id: str
     text: str
     token_ids: list[int]
-    logprobs: list[float]  # (T,) log pi_version(token_ids[t] | prefix), raw logits
+    logprobs: list[float]  # (T,) log pi_version(token_ids[t] | prefix), raw logits; [] unless asked
     finish_reason: str
 
 
@@ -174,7 +175,7 @@ class PolicyEngine:
             max_tokens=s.max_tokens,
             seed=s.seed,
             stop=list(s.stop) or None,
-            logprobs=0,
+            logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -192,11 +193,13 @@ class PolicyEngine:
         return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                   tokenize=False, add_generation_prompt=True)
 
-    def check_length(self, text: str, max_tokens: int) -> None:
-        n = len(self.tokenizer(text, add_special_tokens=True).input_ids)
-        if n + max_tokens > self.cfg.max_model_len:
-            raise InvalidInput(f"prompt: {n} tokens + max_tokens {max_tokens} exceed the context length "
+    def tokenize(self, text: str, max_tokens: int) -> dict:
+        """The prompt as vLLM token input (tokenized once, here), after checking its length."""
+        ids = self.tokenizer(text, add_special_tokens=True).input_ids
+        if len(ids) + max_tokens > self.cfg.max_model_len:
+            raise InvalidInput(f"prompt: {len(ids)} tokens + max_tokens {max_tokens} exceed the context length "
                                f"{self.cfg.max_model_len}")
+        return {"prompt_token_ids": ids}
 
     async def _enter(self) -> int:
         """Wait until no weight update is running; returns the version requests will see."""
@@ -218,12 +221,12 @@ class PolicyEngine:
     async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()) -> Generation:
         text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling)
-        self.check_length(text, sampling.max_tokens)
+        tokens = self.tokenize(text, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         version = await self._enter()
         try:
             final = None
-            async for out in self.engine.generate(text, params, request_id=request_id):
+            async for out in self.engine.generate(tokens, params, request_id=request_id):
                 final = out
         finally:
             await self._leave()
@@ -238,13 +241,13 @@ class PolicyEngine:
         """Async iterator of Chunk; the whole request runs on one weight version."""
         text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling, stream=True)
-        self.check_length(text, sampling.max_tokens)
+        tokens = self.tokenize(text, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in range(sampling.n)]
         started: set[int] = set()
         version = await self._enter()
         try:
-            async for out in self.engine.generate(text, params, request_id=request_id):
+            async for out in self.engine.generate(tokens, params, request_id=request_id):
                 for c in out.outputs:
                     toks = list(c.token_ids)
                     lps = [c.logprobs[i][t].logprob for i, t in enumerate(toks)] if c.logprobs else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from typing import Callable
 
@@ -22,15 +23,16 @@ def sampling_from_proto(p: policy_pb2.SamplingParams, default_max_tokens: int) -
         n=p.n or 1,
         seed=p.seed if p.has_seed else None,
         stop=tuple(p.stop),
+        logprobs=p.logprobs,
     )
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, engine: PolicyEngine, metrics: PolicyMetrics,
-                 record: Callable[[Generation], None] | None = None):
+                 record: Callable[[Generation], concurrent.futures.Future] | None = None):
         self.engine = engine
         self.metrics = metrics
-        self.record = record  # blocking; run in an executor
+        self.record = record  # its future completes once the broker has the answer
 
     def _args(self, request: policy_pb2.GenerateRequest):
         return (request.prompt, sampling_from_proto(request.sampling, self.engine.cfg.max_tokens),
@@ -38,7 +40,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     async def _record(self, gen: Generation) -> None:
         if self.record is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.record, gen)
+            await asyncio.wrap_future(self.record(gen))
 
     async def Generate(self, request: policy_pb2.GenerateRequest, context) -> policy_pb2.GenerateResponse:
         gen = await self.engine.generate(*self._args(request))

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -142,7 +144,7 @@ class RolloutWorker(BackgroundLoop):
 
     def _submit(self, p: events_pb2.Prompt):
         n = p.n or self.cfg.rollout_n
-        s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n)
+        s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n, logprobs=True)
         return asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s), self.loop)
 
     def _write(self, p: events_pb2.Prompt, gen, out: Producer) -> None:
@@ -172,21 +174,66 @@ class RolloutWorker(BackgroundLoop):
 
 
 class GenerationRecorder:
-    """Writes answers served to production to rlhf.generations (for joining feedback later)."""
+    """Writes answers served to production to rlhf.generations (for joining feedback later).
+
+    `record` returns a future that completes once the broker has acknowledged the answer's
+    records, so a caller that awaits it never returns an answer that was not recorded. One
+    thread sends whatever has queued up and flushes once for the whole batch, so concurrent
+    requests share a round trip to the broker instead of each paying for one.
+    """
 
     def __init__(self, bus: BusConfig):
         self.topic = Topics(bus.topic_prefix).generations
         self._p = Producer(bus, client_id="policy-generations")
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="generation-recorder", daemon=True)
+        self._thread.start()
 
-    def record(self, gen) -> None:
-        """Blocking (broker acknowledgement): call it from an executor."""
-        for c in gen.completions:
-            self._p.send(self.topic, c.generation_id, events_pb2.Generation(
-                generation_id=c.generation_id, request_id=gen.request_id, prompt=gen.prompt, response=c.text,
-                policy_version=gen.policy_version, prompt_token_ids=gen.prompt_token_ids,
-                response_token_ids=c.token_ids, finish_reason=c.finish_reason, created_unix_ms=now_ms(),
-            ), wait=False)
-        self._p.flush()
+    def record(self, gen) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((gen, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(more)
+            sent = []
+            try:
+                for gen, fut in batch:
+                    sent.append((fut, [self._p.send(self.topic, c.generation_id, events_pb2.Generation(
+                        generation_id=c.generation_id, request_id=gen.request_id, prompt=gen.prompt,
+                        response=c.text, policy_version=gen.policy_version,
+                        prompt_token_ids=gen.prompt_token_ids, response_token_ids=c.token_ids,
+                        finish_reason=c.finish_reason, created_unix_ms=now_ms(),
+                    ), wait=False) for c in gen.completions]))
+                self._p.flush()
+            except Exception as e:  # those requests fail with it; the recorder keeps going
+                log.warning("recording %d answers failed: %s", len(batch), e)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for fut, records in sent:
+                failed = next((r.exception for r in records if r.failed()), None)
+                if failed is not None:
+                    log.warning("recording an answer failed: %s", failed)
+                    fut.set_exception(failed)
+                else:
+                    fut.set_result(None)
 
     def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
         self._p.close()
