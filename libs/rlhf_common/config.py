@@ -125,6 +125,9 @@ class PolicyConfig(_Base):
     record_generations: bool = _f(True, "RLHF_POLICY_RECORD_GENERATIONS",
                                   "Write every answer served through the API to rlhf.generations")
     seed: int = _f(0, "RLHF_POLICY_SEED", "vLLM seed")
+    max_in_flight: int = _f(256, "RLHF_POLICY_MAX_IN_FLIGHT",
+                            "API requests in flight at most; more are refused with RESOURCE_EXHAUSTED "
+                            "(rollouts are paced, not limited)")
     lora_preload: bool = _f(False, "RLHF_POLICY_LORA_PRELOAD",
                             "Read the base weights that LoRA adapters merge onto at start, so the first "
                             "adapter update is as fast as later ones (costs one more copy of the weights)")
@@ -144,6 +147,7 @@ class PolicyConfig(_Base):
                "must be > 0 (rollouts are sampled)")
         _check(self.max_groups_ahead >= 1, "RLHF_POLICY_MAX_GROUPS_AHEAD", self.max_groups_ahead, "must be >= 1")
         _check(self.kv_cache_gib >= 1, "RLHF_POLICY_KV_CACHE_GIB", self.kv_cache_gib, "must be >= 1")
+        _check(self.max_in_flight >= 1, "RLHF_POLICY_MAX_IN_FLIGHT", self.max_in_flight, "must be >= 1")
         _check(1 <= self.weights_fetch_wait_ms <= 10_000, "RLHF_POLICY_WEIGHTS_FETCH_WAIT_MS",
                self.weights_fetch_wait_ms, "must be in [1, 10000]")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from rlhf_common import weights
 from rlhf_common.config import PolicyConfig
-from rlhf_common.errors import InvalidInput
+from rlhf_common.errors import InvalidInput, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class PolicyEngine:
         self.engine = None
         self.tokenizer = None
         self.in_flight = 0  # requests accepted and not finished (queue depth)
+        self.api_in_flight = 0  # of those, API requests (bounded by cfg.max_in_flight)
         self.waiting = 0  # of those, waiting for a weight update to finish
 
     def start(self) -> None:
@@ -201,35 +202,48 @@ class PolicyEngine:
                                f"{self.cfg.max_model_len}")
         return {"prompt_token_ids": ids}
 
-    async def _enter(self) -> int:
-        """Wait until no weight update is running; returns the version requests will see."""
+    async def _enter(self, bounded: bool) -> int:
+        """Wait until no weight update is running; returns the version requests will see.
+
+        A bounded (API) request is refused while RLHF_POLICY_MAX_IN_FLIGHT API requests are
+        in flight; the rollout worker's requests are not (its pacing bounds them)."""
+        if bounded:
+            if self.api_in_flight >= self.cfg.max_in_flight:
+                raise Overloaded(f"{self.api_in_flight} requests in flight (limit {self.cfg.max_in_flight}); "
+                                 "retry with back-off")
+            self.api_in_flight += 1
         self.in_flight += 1
         self.waiting += 1
         try:
             await self._lock.acquire_read()
         except BaseException:
             self.in_flight -= 1
+            if bounded:
+                self.api_in_flight -= 1
             raise
         finally:
             self.waiting -= 1
         return self.served.version
 
-    async def _leave(self) -> None:
+    async def _leave(self, bounded: bool) -> None:
         self.in_flight -= 1
+        if bounded:
+            self.api_in_flight -= 1
         await self._lock.release_read()
 
-    async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()) -> Generation:
+    async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = (),
+                       bounded: bool = True) -> Generation:
         text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling)
         tokens = self.tokenize(text, sampling.max_tokens)
         request_id = uuid.uuid4().hex
-        version = await self._enter()
+        version = await self._enter(bounded)
         try:
             final = None
             async for out in self.engine.generate(tokens, params, request_id=request_id):
                 final = out
         finally:
-            await self._leave()
+            await self._leave(bounded)
         completions = []
         for c in final.outputs:
             ids = list(c.token_ids)
@@ -245,7 +259,7 @@ class PolicyEngine:
         request_id = uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in range(sampling.n)]
         started: set[int] = set()
-        version = await self._enter()
+        version = await self._enter(bounded=True)
         try:
             async for out in self.engine.generate(tokens, params, request_id=request_id):
                 for c in out.outputs:
@@ -256,7 +270,7 @@ class PolicyEngine:
                     yield Chunk(c.index, ids[c.index], c.text, toks, lps, c.finish_reason or "", version,
                                 list(out.prompt_token_ids) if first and out.prompt_token_ids else [])
         finally:
-            await self._leave()
+            await self._leave(bounded=True)
 
     async def apply_update(self, version: int, uri: str, sha256: str, lora: bool = False,
                            rollback: bool = False) -> float:

@@ -145,7 +145,7 @@ class RolloutWorker(BackgroundLoop):
     def _submit(self, p: events_pb2.Prompt):
         n = p.n or self.cfg.rollout_n
         s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n, logprobs=True)
-        return asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s), self.loop)
+        return asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s, bounded=False), self.loop)
 
     def _write(self, p: events_pb2.Prompt, gen, out: Producer) -> None:
         topic = Topics(self.bus.topic_prefix).rollouts
