@@ -39,6 +39,13 @@ class Overloaded(RLHFError):
     http_status = 429
 
 
+class IncompatibleWeights(RLHFError):
+    """A checkpoint does not fit the served model (tensors missing, extra, or of other shapes)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
 class Unauthenticated(RLHFError):
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import WeightsCorrupt
+from .errors import IncompatibleWeights, WeightsCorrupt
 
 MANIFEST = "rlhf_manifest.json"
 
@@ -47,6 +47,40 @@ def verify(folder: str | Path, sha256: str) -> None:
     actual = digest(folder)
     if actual != sha256:
         raise WeightsCorrupt(f"checkpoint {str(folder)!r} has sha256 {actual}, announced {sha256}")
+
+
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a folder's *.safetensors files (reads the headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {str(folder)!r}")
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def check_same_layout(folder: str | Path, base: str | Path) -> None:
+    """A full checkpoint must hold exactly the base model's tensors, shape for shape.
+
+    Loading one that lacks a tensor would leave that weight from the previous version, and
+    one with other shapes would fail half-way: either way the served model would be a mix.
+    """
+    new, ref = tensor_shapes(folder), tensor_shapes(base)
+    missing = sorted(ref.keys() - new.keys())
+    extra = sorted(new.keys() - ref.keys())
+    reshaped = sorted(k for k in ref.keys() & new.keys() if ref[k] != new[k])
+    if missing or extra or reshaped:
+        parts = [f"{label} {names[:3]}{' ...' if len(names) > 3 else ''} ({len(names)})"
+                 for label, names in (("missing", missing), ("unexpected", extra),
+                                      ("other shapes", [f"{k}: {new[k]} vs {ref[k]}" for k in reshaped]))
+                 if names]
+        raise IncompatibleWeights(f"checkpoint {str(folder)!r} does not fit the model {str(base)!r}: "
+                                  + "; ".join(parts))
 
 
 @dataclass(frozen=True)

@@ -361,3 +361,70 @@ def test_lora_updates_with_changing_targets_and_rollback(policy_stack, versions)
     text = scrape(st.metrics_ports["policy"])
     assert metric_value(text, "rlhf_policy_weight_event_to_serving_seconds_count") >= 3
     assert metric_value(text, "rlhf_policy_weight_updates_total", {"outcome": "rolled_back"}) == 3
+
+
+def _wait_failed(st, n: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (metric_value(scrape(st.metrics_ports["policy"]), "rlhf_policy_weight_updates_total",
+                        {"outcome": "failed"}) or 0) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} failed updates counted"
+        time.sleep(0.1)
+
+
+def test_bad_updates_are_refused_and_the_served_weights_stay_whole(policy_stack, versions, tmp_path):
+    """A wrong sha256, a checkpoint missing a tensor, and an adapter for a module the model
+    lacks are each refused before any weight is touched; the next good update applies."""
+    from safetensors.torch import load_file, save_file
+
+    from rlhf_common.weights import digest
+
+    st, stub = policy_stack
+    store, models = versions
+    _publish(st, build_update("policy", 2, str(store.root), None))
+    _wait_version(stub, 2)
+
+    def served_is(version: int) -> None:
+        assert stub.GetVersion(policy_pb2.GetVersionRequest()).version == version
+        for prompt in PROMPTS[:3]:
+            resp = stub.Generate(_greedy(prompt))
+            assert resp.policy_version == version
+            assert list(resp.completions[0].token_ids) == _hf_greedy(models[version], version,
+                                                                     list(resp.prompt_token_ids))
+
+    full = events_pb2.WeightUpdate.FORMAT_FULL
+    ck3 = store.load_manifest("policy", 3)
+    _publish(st, events_pb2.WeightUpdate(model_name="policy", version=7, uri=str(ck3.path), sha256="0" * 64,
+                                         format=full))
+    _wait_failed(st, 1)
+    served_is(2)
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    tensors = load_file(str(ck3.path / "model.safetensors"))
+    dropped = next(k for k in tensors if "layers.1.mlp.down_proj" in k)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(incomplete / "model.safetensors"))
+    _publish(st, events_pb2.WeightUpdate(model_name="policy", version=8, uri=str(incomplete),
+                                         sha256=digest(incomplete), format=full))
+    _wait_failed(st, 2)
+    served_is(2)
+    assert "does not fit the model" in (st.spec.run_dir / "policy.log").read_text()
+
+    adapter = tmp_path / "adapter"
+    ck5 = store.load_manifest("policy", 5)  # the LoRA version of the test above
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text((ck5.path / "adapter_config.json").read_text())
+    lora = load_file(str(ck5.path / "adapter_model.safetensors"))
+    save_file({k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.zz_proj"): v for k, v in lora.items()},
+              str(adapter / "adapter_model.safetensors"))
+    _publish(st, events_pb2.WeightUpdate(model_name="policy", version=9, uri=str(adapter), sha256=digest(adapter),
+                                         format=events_pb2.WeightUpdate.FORMAT_LORA))
+    _wait_failed(st, 3)
+    served_is(2)
+    assert "zz_proj.weight', which the base model" in (st.spec.run_dir / "policy.log").read_text()
+
+    ck4 = store.load_manifest("policy", 4)
+    _publish(st, events_pb2.WeightUpdate(model_name="policy", version=10, uri=str(ck4.path), sha256=ck4.sha256,
+                                         format=full))
+    _wait_version(stub, 10)
+    models[10] = models[4]
+    served_is(10)

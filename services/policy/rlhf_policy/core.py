@@ -281,8 +281,11 @@ class PolicyEngine:
         if version == self.served.version or (version < self.served.version and not rollback):
             return 0.0
         path = weights.local_path(uri)
+        loop = asyncio.get_running_loop()
         if sha256:
-            await asyncio.get_running_loop().run_in_executor(None, weights.verify, path, sha256)
+            await loop.run_in_executor(None, weights.verify, path, sha256)
+        if not lora:  # (an adapter is checked against the base inside the worker, before any load)
+            await loop.run_in_executor(None, weights.check_same_layout, path, self.cfg.model)
         t0 = time.perf_counter()
         await self._lock.acquire_write()
         try:

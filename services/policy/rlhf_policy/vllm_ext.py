@@ -121,13 +121,13 @@ class WeightUpdateExtension:
                 continue
             b = adapter.get(key.replace(".lora_A.", ".lora_B."))
             if b is None:
-                raise KeyError(f"adapter {adapter_dir!r} has {key!r} without its lora_B")
+                raise ValueError(f"adapter {adapter_dir!r} has {key!r} without its lora_B")
             module = key.split(".lora_A.")[0]
             if module.startswith("base_model.model."):
                 module = module[len("base_model.model."):]
             name = module + ".weight"
             if name not in base:
-                raise KeyError(f"adapter targets {name!r}, which the base model {base_dir!r} does not have")
+                raise ValueError(f"adapter targets {name!r}, which the base model {base_dir!r} does not have")
             if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(base[name].shape):
                 raise ValueError(f"adapter {key!r}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not match "
                                  f"{name!r} {tuple(base[name].shape)}")
