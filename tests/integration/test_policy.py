@@ -117,6 +117,24 @@ def test_logprobs_only_when_asked(policy_stack):
     assert all(not c.logprobs for c in stub.GenerateStream(_greedy(PROMPTS[0], logprobs=False)))
 
 
+def test_sampling_parameters_reach_the_engine(policy_stack):
+    _, stub = policy_stack
+
+    def sample(**kw) -> list[int]:
+        return list(stub.Generate(policy_pb2.GenerateRequest(prompt=PROMPTS[6], sampling=policy_pb2.SamplingParams(
+            temperature=1.0, max_tokens=MAX_TOKENS, **kw))).completions[0].token_ids)
+
+    greedy = list(stub.Generate(_greedy(PROMPTS[6])).completions[0].token_ids)
+    assert sample(seed=11, has_seed=True) == sample(seed=11, has_seed=True)  # a seed makes a sample repeatable
+    seeded = {tuple(sample(seed=s, has_seed=True)) for s in range(4)}
+    assert len(seeded) > 1  # ... and different seeds give different samples
+    assert sample(top_k=1) == greedy  # top_k=1 leaves only the argmax
+    assert sample(top_p=1e-6) == greedy  # so does a vanishing nucleus
+    many = stub.Generate(policy_pb2.GenerateRequest(prompt=PROMPTS[6], sampling=policy_pb2.SamplingParams(
+        temperature=1.0, max_tokens=MAX_TOKENS, n=5)))
+    assert len(many.completions) == 5 and len({c.generation_id for c in many.completions}) == 5
+
+
 def test_stop_strings_cut_the_answer(policy_stack):
     _, stub = policy_stack
     full = stub.Generate(_greedy(PROMPTS[1])).completions[0]
