@@ -125,6 +125,12 @@ class TrainerMetrics(RpcMetrics):
         self.is_weight = Gauge("rlhf_trainer_is_weight_mean",
                                "Mean truncated importance weight (trainer vs sampler log-probs), last step",
                                registry=registry)
+        self.engine_logprob_diff = Gauge(
+            "rlhf_trainer_engine_logprob_diff",
+            "Mean |trainer - inference engine| per-token log-prob of the last step's rollouts made on the "
+            "weights the trainer held (lag 0): the engine's numerical mismatch, in nats (NaN until one is seen)",
+            registry=registry)
+        self.engine_logprob_diff.set(float("nan"))
         self.stale = Counter("rlhf_trainer_stale_rollouts_total", "Rollouts skipped for exceeding max staleness",
                              registry=registry)
         self.checkpoints = Counter("rlhf_trainer_checkpoints_total", "Training-state checkpoints saved",

@@ -159,6 +159,8 @@ def test_trainer_metrics_describe_the_run(loop_run):
     assert metric_value(text, "rlhf_trainer_rollouts_consumed_total") == N_PROMPTS * GROUP
     assert metric_value(text, "rlhf_trainer_rollout_version_lag_count") == N_PROMPTS * GROUP
     assert metric_value(text, "rlhf_trainer_kl_nats") == pytest.approx(status.recent[-1].kl)
+    # vLLM (float32) and the trainer's transformers agree on the log-probs of on-policy rollouts
+    assert 0 <= metric_value(text, "rlhf_trainer_engine_logprob_diff") < 1e-3  # NaN (never measured) fails
     for phase in ("wait", "scoring", "training", "sync"):
         assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": phase}) == EXPECTED_STEPS
 

@@ -267,6 +267,9 @@ class Trainer:
         lags = [self.version - r.policy_version for r in rollouts]
         for lag in lags:
             self.metrics.version_lag.observe(lag)
+        on_policy = [d for d, lag in zip(res.logprob_diff, lags) if lag == 0]
+        if on_policy:
+            self.metrics.engine_logprob_diff.set(sum(on_policy) / len(on_policy))
         rewards = torch.tensor(scores)
         n_tokens = sum(len(r) for r in responses)
         stats = StepStats(

@@ -71,6 +71,10 @@ class StepResult:
     value_loss: float
     is_weight_mean: float
     beta: float
+    # Per sample: mean |trainer log-prob - sampler log-prob| over its response tokens, before
+    # the update. For a sample drawn from the weights the trainer holds, this is the
+    # inference engine's numerical mismatch with the trainer.
+    logprob_diff: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -139,6 +143,7 @@ class PolicyLearner:
                 adv, returns = gae(token_rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
                 adv = whiten(adv, mask)
             is_w = truncated_is_weights(old_logp, behaviour, cfg.is_cap) * mask
+            diff = ((old_logp - behaviour).abs() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
         B = input_ids.shape[0]
         mb = cfg.minibatch_size or B
@@ -176,7 +181,7 @@ class PolicyLearner:
         n = max(1, totals["n"])
         return StepResult(loss=totals["loss"] / n, kl=kl_mean, entropy=totals["ent"] / n,
                           clip_fraction=totals["clip"] / n, value_loss=totals["vloss"] / n,
-                          is_weight_mean=float(masked_mean(is_w, mask)), beta=beta)
+                          is_weight_mean=float(masked_mean(is_w, mask)), beta=beta, logprob_diff=diff.tolist())
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
