@@ -47,7 +47,7 @@ $(PROTO_OUT)/rlhf/.generated: $(PROTO_SRC)
 	touch $@
 
 test: install $(VENV)/.smollm2
-	bash scripts/run_tests.sh
+	PY=$(PY) bash scripts/run_tests.sh
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
