@@ -64,13 +64,14 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_same_layout(folder: str | Path, base: str | Path) -> None:
-    """A full checkpoint must hold exactly the base model's tensors, shape for shape.
+def check_same_layout(folder: str | Path, ref: dict[str, tuple[int, ...]], model: str) -> None:
+    """A full checkpoint must hold exactly the model's tensors (`ref`, from `tensor_shapes` of
+    the model's folder), shape for shape.
 
     Loading one that lacks a tensor would leave that weight from the previous version, and
     one with other shapes would fail half-way: either way the served model would be a mix.
     """
-    new, ref = tensor_shapes(folder), tensor_shapes(base)
+    new = tensor_shapes(folder)
     missing = sorted(ref.keys() - new.keys())
     extra = sorted(new.keys() - ref.keys())
     reshaped = sorted(k for k in ref.keys() & new.keys() if ref[k] != new[k])
@@ -79,7 +80,7 @@ def check_same_layout(folder: str | Path, base: str | Path) -> None:
                  for label, names in (("missing", missing), ("unexpected", extra),
                                       ("other shapes", [f"{k}: {new[k]} vs {ref[k]}" for k in reshaped]))
                  if names]
-        raise IncompatibleWeights(f"checkpoint {str(folder)!r} does not fit the model {str(base)!r}: "
+        raise IncompatibleWeights(f"checkpoint {str(folder)!r} does not fit the model {model!r}: "
                                   + "; ".join(parts))
 
 

@@ -114,6 +114,7 @@ class PolicyEngine:
         self._lock = VersionLock()
         self.engine = None
         self.tokenizer = None
+        self.layout: dict[str, tuple[int, ...]] = {}  # tensor name -> shape of the initial model
         self.in_flight = 0  # requests accepted and not finished (queue depth)
         self.api_in_flight = 0  # of those, API requests (bounded by cfg.max_in_flight)
         self.waiting = 0  # of those, waiting for a weight update to finish
@@ -138,6 +139,7 @@ class PolicyEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
         try:
             self.served.sha256 = weights.digest(self.cfg.model)
+            self.layout = weights.tensor_shapes(self.cfg.model)  # what every full update must match
         except FileNotFoundError:
             self.served.sha256 = ""
 
@@ -284,8 +286,10 @@ class PolicyEngine:
         loop = asyncio.get_running_loop()
         if sha256:
             await loop.run_in_executor(None, weights.verify, path, sha256)
-        if not lora:  # (an adapter is checked against the base inside the worker, before any load)
-            await loop.run_in_executor(None, weights.check_same_layout, path, self.cfg.model)
+        # (An adapter is checked against the base inside the worker, before any load. A model
+        # that started from a folder without safetensors has no layout to check against.)
+        if not lora and self.layout:
+            await loop.run_in_executor(None, weights.check_same_layout, path, self.layout, self.cfg.model)
         t0 = time.perf_counter()
         await self._lock.acquire_write()
         try:

@@ -43,6 +43,13 @@ _patch_cpu_gemm_dispatch()
 class WeightUpdateExtension:
     """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
 
+    # LoRA state (the mixin has no __init__ of its own; these are only ever reassigned).
+    _rlhf_lora_base_dir: str | None = None
+    _rlhf_lora_base: dict = {}  # name -> base tensor that adapters merge onto
+    _rlhf_lora_scratch: torch.Tensor | None = None  # float32 merge buffer
+    # Names served with an adapter merged in; None = unknown (after a full load).
+    _rlhf_lora_merged: frozenset | None = frozenset()
+
     def rlhf_load_weights(self, checkpoint_dir: str) -> dict:
         """Load every safetensors file of checkpoint_dir into the running model."""
         from safetensors.torch import load_file
@@ -74,7 +81,7 @@ class WeightUpdateExtension:
     def _lora_base(self, base_dir: str) -> dict:
         from safetensors.torch import load_file
 
-        if getattr(self, "_rlhf_lora_base_dir", None) != base_dir:
+        if self._rlhf_lora_base_dir != base_dir:
             base: dict = {}
             for f in sorted(Path(base_dir).glob("*.safetensors")):
                 # Copies the tensors out of the file's memory map, so merges never page-fault.
@@ -82,14 +89,11 @@ class WeightUpdateExtension:
             if not base:
                 raise FileNotFoundError(f"no *.safetensors in {base_dir!r}")
             self._rlhf_lora_base, self._rlhf_lora_base_dir = base, base_dir
-        if not hasattr(self, "_rlhf_lora_merged"):
-            # Names served with an adapter merged in; None = unknown (after a full load).
-            self._rlhf_lora_merged: set | None = set()
         return self._rlhf_lora_base
 
     def _lora_scratch(self, numel: int) -> torch.Tensor:
         """A float32 buffer of at least numel elements, kept between updates."""
-        scratch = getattr(self, "_rlhf_lora_scratch", None)
+        scratch = self._rlhf_lora_scratch
         if scratch is None or scratch.numel() < numel:
             scratch = self._rlhf_lora_scratch = torch.zeros(numel, dtype=torch.float32)  # zeros: touch every page
         return scratch
@@ -152,7 +156,7 @@ class WeightUpdateExtension:
         changed = set(base) if everything else self._rlhf_lora_merged
         restored = {n: base[n] for n in changed - pairs.keys()}
         model.load_weights(weights=itertools.chain(merged(), restored.items()))
-        self._rlhf_lora_merged = set(pairs)
+        self._rlhf_lora_merged = frozenset(pairs)
         t_load = time.perf_counter()
         # Re-pack only the layers that hold changed weights: the embedding and LM head (the
         # largest matrices) are untouched by an adapter, so they keep their packed handles.
