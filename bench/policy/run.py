@@ -121,8 +121,8 @@ def main() -> None:
     from rlhf.events.v1 import events_pb2
     from rlhf.policy.v1 import policy_pb2_grpc
     from rlhf_common.bus import Producer, now_ms
-    from rlhf_common.models import export_smollm2
-    from rlhf_common.stack import Stack, StackSpec
+    from rlhf_devstack.models import export_smollm2
+    from rlhf_devstack.stack import Stack, StackSpec
     from rlhf_common.topics import Topics
     from rlhf_common.weights import WeightStore
 

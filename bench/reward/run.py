@@ -39,7 +39,7 @@ def build_model(out: Path, seed: int) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_reward.data import minilm_dir
+    from rlhf_jobs.preference_data import minilm_dir
 
     if (out / "model.safetensors").exists():
         return out
@@ -51,7 +51,7 @@ def build_model(out: Path, seed: int) -> Path:
 
 
 def workload(n: int) -> list[tuple[str, str]]:
-    from rlhf_reward.data import chitchat_conversations
+    from rlhf_jobs.preference_data import chitchat_conversations
 
     convs = chitchat_conversations()
     return [(c.prompt, "\n".join(c.text.split("\n")[:2])) for c in convs[:n]]
@@ -144,19 +144,19 @@ def run_batched(model_dir: Path, items, warm, concurrency: int, args, log_path: 
 
     from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
     from rlhf_common.config import RewardConfig
-    from rlhf_common.stack import wait_healthy
+    from rlhf_devstack.stack import wait_healthy
 
-    cfg = RewardConfig(model=str(model_dir), port=free_port(), http_port=0, metrics_port=0,
+    cfg = RewardConfig(server={"port": free_port(), "metrics_port": 0}, model=str(model_dir), http_port=0,
                        max_length=args.max_length, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                        subscribe_weights=False, torch_threads=args.threads)
     env = {**os.environ, **cfg.to_env(), "OMP_NUM_THREADS": str(args.threads)}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rlhf_reward"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"127.0.0.1:{cfg.port}", 180, proc, log_path)
+        wait_healthy(f"127.0.0.1:{cfg.server.port}", 180, proc, log_path)
 
         async def go(batch):
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.port}") as ch:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.server.port}") as ch:
                 stub = reward_pb2_grpc.RewardServiceStub(ch)
 
                 async def call(item):

@@ -17,6 +17,11 @@ def get(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+def export(name: str, value: str) -> None:
+    """Set a variable for a library that reads its settings from the environment (e.g. vLLM)."""
+    os.environ[name] = value
+
+
 def snapshot(prefix: str = "RLHF_") -> dict[str, str]:
     """All variables with the given prefix (for logging the effective config)."""
     return {k: v for k, v in os.environ.items() if k.startswith(prefix)}

@@ -21,74 +21,75 @@ log = logging.getLogger(__name__)
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain exceptions to status codes (the one place that does) and records
-    request counts and latency. Servicers raise; they never call context.abort."""
+    request counts and latency, for every kind of method (unary or streaming requests,
+    unary or streaming responses). Servicers raise; they never call context.abort."""
 
     def __init__(self, metrics: RpcMetrics | None):
         self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
-
-        async def fail(exc: Exception, context) -> grpc.StatusCode:
-            code, msg = errors.to_grpc(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", method)
-            return code, msg
 
         def record(code: grpc.StatusCode, t0: float) -> None:
             if metrics is not None:
                 metrics.requests.labels(method, code.name).inc()
                 metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        async def fail(exc: Exception, context, t0: float) -> None:
+            code, msg = errors.to_grpc(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method)
+            record(code, t0)  # before the caller can see the error
+            await context.abort(code, msg)
 
-            async def unary(request, context: grpc.aio.ServicerContext):
+        def unary_response(inner):
+            async def call(request_or_iterator, context: grpc.aio.ServicerContext):
                 t0, code, recorded = time.perf_counter(), grpc.StatusCode.OK, False
                 try:
-                    return await inner(request, context)
+                    return await inner(request_or_iterator, context)
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
                 except Exception as exc:  # mapped to a status, never swallowed
-                    code, msg = await fail(exc, context)
-                    record(code, t0)  # before the caller can see the error
                     recorded = True
-                    await context.abort(code, msg)
+                    await fail(exc, context, t0)
                 finally:
                     if not recorded:
                         record(code, t0)
+            return call
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+        def stream_response(inner):
+            async def call(request_or_iterator, context: grpc.aio.ServicerContext):
+                t0, code, recorded = time.perf_counter(), grpc.StatusCode.OK, False
+                try:
+                    async for item in inner(request_or_iterator, context):
+                        yield item
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    recorded = True
+                    await fail(exc, context, t0)
+                finally:
+                    if not recorded:
+                        record(code, t0)
+            return call
 
-        inner_stream = handler.unary_stream
-
-        async def stream(request, context: grpc.aio.ServicerContext):
-            t0, code, recorded = time.perf_counter(), grpc.StatusCode.OK, False
-            try:
-                async for item in inner_stream(request, context):
-                    yield item
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code, msg = await fail(exc, context)
-                record(code, t0)  # before the caller can see the error
-                recorded = True
-                await context.abort(code, msg)
-            finally:
-                if not recorded:
-                    record(code, t0)
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        kinds = (
+            (handler.unary_unary, unary_response, grpc.unary_unary_rpc_method_handler),
+            (handler.unary_stream, stream_response, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_unary, unary_response, grpc.stream_unary_rpc_method_handler),
+            (handler.stream_stream, stream_response, grpc.stream_stream_rpc_method_handler),
+        )
+        for inner, wrap, make in kinds:
+            if inner is not None:
+                return make(wrap(inner), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
 
 
 class Server:

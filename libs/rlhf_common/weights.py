@@ -2,7 +2,8 @@
 
 Layout: <root>/<model_name>/v<version:08d>/{model.safetensors, config.json, tokenizer...,
 rlhf_manifest.json}. A version folder is written under a temporary name and renamed into
-place, so a reader never sees a half-written checkpoint.
+place (an existing one is swapped atomically), so a reader never sees a half-written
+checkpoint. The root is a path or file:// URL on storage every reader mounts.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IncompatibleWeights, WeightsCorrupt
+from .fsutil import publish_dir
 
 MANIFEST = "rlhf_manifest.json"
 
 
 def local_path(uri: str) -> Path:
-    """Path of a checkpoint URI. Plain paths and file:// URLs are read directly."""
+    """Path of a checkpoint URI: a plain path or a file:// URL on storage every reader mounts
+    (a shared volume on Kubernetes). Other schemes (s3://, gs://, ...) are refused."""
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     if "://" in uri:
-        raise ValueError(f"unsupported weight-store URL {uri!r}: only local paths and file:// are supported")
+        raise ValueError(f"unsupported weight-store URL {uri!r}: use a path or file:// URL on a volume that "
+                         "every service mounts")
     return Path(uri)
 
 
@@ -117,9 +121,7 @@ class WeightStore:
         (tmp / MANIFEST).write_text(json.dumps(
             {"model_name": model_name, "version": version, "step": step, "sha256": sha,
              "created_unix_ms": int(time.time() * 1000), "extra": extra or {}}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         return Checkpoint(model_name, version, final, sha, step, extra or {})
 
     def load_manifest(self, model_name: str, version: int) -> Checkpoint:

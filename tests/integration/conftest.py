@@ -4,9 +4,9 @@ import pytest
 
 from rlhf_common.bus import ensure_topics
 from rlhf_common.config import BusConfig
-from rlhf_common.devbroker import DevBroker
-from rlhf_common.models import make_tiny_llama, make_tiny_reward_model
-from rlhf_common.stack import free_port
+from rlhf_devstack.devbroker import DevBroker
+from rlhf_devstack.models import make_tiny_llama, make_tiny_reward_model
+from rlhf_devstack.stack import free_port
 
 
 @pytest.fixture(scope="session")

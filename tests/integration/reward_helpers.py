@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 
-from rlhf_common.config import BusConfig, RewardConfig
-from rlhf_common.stack import wait_healthy
+from rlhf_common.config import BusConfig
+from rlhf_reward.config import RewardConfig
+from rlhf_devstack.stack import wait_healthy
 
 
 def start_reward(cfg: RewardConfig, log_path: Path, bus: BusConfig | None = None) -> subprocess.Popen:
@@ -20,7 +21,7 @@ def start_reward(cfg: RewardConfig, log_path: Path, bus: BusConfig | None = None
         env.update(bus.to_env())
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_reward"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_healthy(f"127.0.0.1:{cfg.port}", 120, proc, log_path)
+    wait_healthy(f"127.0.0.1:{cfg.server.port}", 120, proc, log_path)
     deadline = time.monotonic() + 30
     while True:  # REST starts before gRPC, so this is normally immediate
         try:

@@ -13,8 +13,8 @@ import torch
 from rlhf.events.v1 import events_pb2
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 from rlhf_common.bus import Producer
-from rlhf_common.models import tiny_prompts
-from rlhf_common.stack import Stack, StackSpec
+from rlhf_devstack.models import tiny_prompts
+from rlhf_devstack.stack import Stack, StackSpec
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 from rlhf_policy.rollback import build_update

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
-from rlhf_common.models import tiny_prompts
-from rlhf_common.stack import Stack, StackSpec
+from rlhf_devstack.models import tiny_prompts
+from rlhf_devstack.stack import Stack, StackSpec
 
 from tests.helpers import metric_value, scrape
 

@@ -19,7 +19,7 @@ import torch
 from rlhf.events.v1 import events_pb2
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 from rlhf_common.bus import Producer
-from rlhf_common.stack import Stack, StackSpec
+from rlhf_devstack.stack import Stack, StackSpec
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
@@ -44,7 +44,7 @@ def _answers(addr: str) -> list[policy_pb2.GenerateResponse]:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from rlhf_common.models import export_smollm2
+    from rlhf_devstack.models import export_smollm2
 
     try:
         return export_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")

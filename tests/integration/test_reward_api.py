@@ -11,8 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
-from rlhf_common.config import RewardConfig
-from rlhf_common.stack import free_port
+from rlhf_reward.config import RewardConfig
+from rlhf_devstack.stack import free_port
 
 from tests.helpers import metric_value, scrape
 from tests.integration.reward_helpers import start_reward, stop
@@ -24,8 +24,8 @@ MAX_BODY = 4096
 
 
 def _cfg(reward, **kw) -> RewardConfig:
-    return RewardConfig(model=str(reward), port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                        max_length=24, max_batch_items=8, max_body_bytes=MAX_BODY, subscribe_weights=False, **kw)
+    return RewardConfig(server={"port": free_port(), "metrics_port": free_port()}, model=str(reward),
+                        http_port=free_port(), max_length=24, max_batch_items=8, max_body_bytes=MAX_BODY, subscribe_weights=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _url(cfg, path):
 
 
 def _stub(cfg):
-    return reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{cfg.port}"))
+    return reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{cfg.server.port}"))
 
 
 GOOD = {"items": [{"prompt": "Tell me about the cat.", "response": " The cat sings."}]}
@@ -106,7 +106,7 @@ def test_rest_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(open_servi
 
 
 def _raw_score(cfg, payload: bytes):
-    ch = grpc.insecure_channel(f"127.0.0.1:{cfg.port}")
+    ch = grpc.insecure_channel(f"127.0.0.1:{cfg.server.port}")
     call = ch.unary_unary("/rlhf.reward.v1.RewardService/Score", request_serializer=lambda b: b,
                           response_deserializer=reward_pb2.ScoreResponse.FromString)
     return call(payload)
@@ -170,7 +170,7 @@ def test_model_info_exposes_running_reward_stats(open_service):
     assert rest["reward"]["count"] == info.reward_count
     assert rest["reward"]["mean"] == pytest.approx(info.reward_mean)
     assert np.isfinite(info.reward_std) and info.reward_std >= 0
-    text = scrape(open_service.metrics_port)
+    text = scrape(open_service.server.metrics_port)
     assert metric_value(text, "rlhf_reward_score_samples") == info.reward_count
     assert len(scores) == 3
 
@@ -208,7 +208,7 @@ def test_rest_auth(keyed_service, headers, status):
 def test_rest_health_and_metrics_stay_open(keyed_service):
     assert httpx.get(_url(keyed_service, "/healthz")).status_code == 200
     assert httpx.get(_url(keyed_service, "/metrics")).status_code == 200
-    assert metric_value(scrape(keyed_service.metrics_port), "rlhf_reward_scored_items_total") is not None
+    assert metric_value(scrape(keyed_service.server.metrics_port), "rlhf_reward_scored_items_total") is not None
 
 
 @pytest.mark.parametrize("metadata,ok", [
@@ -231,12 +231,12 @@ def test_grpc_auth(keyed_service, metadata, ok):
 
 
 def test_grpc_health_stays_open_and_rejections_are_counted(keyed_service):
-    ch = grpc.insecure_channel(f"127.0.0.1:{keyed_service.port}")
+    ch = grpc.insecure_channel(f"127.0.0.1:{keyed_service.server.port}")
     r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
     assert r.status == health_pb2.HealthCheckResponse.SERVING
-    before = metric_value(scrape(keyed_service.metrics_port), "rlhf_reward_requests_total",
+    before = metric_value(scrape(keyed_service.server.metrics_port), "rlhf_reward_requests_total",
                           {"method": "Score", "code": "UNAUTHENTICATED"}) or 0
     with pytest.raises(grpc.RpcError):
         _stub(keyed_service).Score(_score_request([("a", "b")]))
-    assert metric_value(scrape(keyed_service.metrics_port), "rlhf_reward_requests_total",
+    assert metric_value(scrape(keyed_service.server.metrics_port), "rlhf_reward_requests_total",
                         {"method": "Score", "code": "UNAUTHENTICATED"}) == before + 1

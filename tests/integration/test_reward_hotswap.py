@@ -13,9 +13,9 @@ import torch
 from rlhf.events.v1 import events_pb2
 from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
 from rlhf_common.bus import Producer, now_ms
-from rlhf_common.config import RewardConfig
-from rlhf_common.models import make_tiny_reward_model
-from rlhf_common.stack import free_port
+from rlhf_reward.config import RewardConfig
+from rlhf_devstack.models import make_tiny_reward_model
+from rlhf_devstack.stack import free_port
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
@@ -38,7 +38,7 @@ class Client(threading.Thread):
 
     def run(self):
         if self.kind == "grpc":
-            ch = grpc.insecure_channel(f"127.0.0.1:{self.cfg.port}")
+            ch = grpc.insecure_channel(f"127.0.0.1:{self.cfg.server.port}")
             stub = reward_pb2_grpc.RewardServiceStub(ch)
             req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=p, response=r) for p, r in ITEMS])
         else:
@@ -79,8 +79,8 @@ def test_hot_swap_under_load_fails_no_request(bus, tiny_models, tmp_path):
     store = WeightStore(tmp_path / "store")
     ckpt = store.save(AutoModelForSequenceClassification.from_pretrained(new_src),
                       AutoTokenizer.from_pretrained(new_src), "reward", 1, step=10)
-    cfg = RewardConfig(model=str(reward_v0), port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                       max_batch_size=16, max_wait_ms=2)
+    cfg = RewardConfig(server={"port": free_port(), "metrics_port": free_port()}, model=str(reward_v0),
+                       http_port=free_port(), max_batch_size=16, max_wait_ms=2)
     proc = start_reward(cfg, tmp_path / "reward.log", bus=bus)
     stop_event = threading.Event()
     clients = [Client(cfg, kind, stop_event) for kind in ["grpc"] * 8 + ["rest"] * 8]
@@ -120,11 +120,11 @@ def test_hot_swap_under_load_fails_no_request(bus, tiny_models, tmp_path):
             for v, scores in (c.seen[switch - 1], c.seen[-1]):
                 want = want_new if v == "v00000001" else want_old
                 assert scores == pytest.approx(want, abs=1e-4)
-        text = scrape(cfg.metrics_port)
+        text = scrape(cfg.server.metrics_port)
         assert metric_value(text, "rlhf_reward_model_swaps_total", {"outcome": "applied"}) == 1
         assert metric_value(text, "rlhf_reward_requests_total", {"method": "Score", "code": "OK"}) > 0
         assert (metric_value(text, "rlhf_reward_requests_total", {"method": "Score", "code": "INTERNAL"}) or 0) == 0
-        info = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{cfg.port}")).GetModelInfo(
+        info = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{cfg.server.port}")).GetModelInfo(
             reward_pb2.GetModelInfoRequest())
         assert info.version_number == 1 and info.sha256 == ckpt.sha256
 
@@ -133,9 +133,9 @@ def test_hot_swap_under_load_fails_no_request(bus, tiny_models, tmp_path):
             model_name="reward", version=2, uri=str(ckpt.path), sha256="f" * 64, created_unix_ms=now_ms()))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not metric_value(
-                scrape(cfg.metrics_port), "rlhf_reward_model_swaps_total", {"outcome": "corrupt"}):
+                scrape(cfg.server.metrics_port), "rlhf_reward_model_swaps_total", {"outcome": "corrupt"}):
             time.sleep(0.2)
-        assert metric_value(scrape(cfg.metrics_port), "rlhf_reward_model_swaps_total", {"outcome": "corrupt"}) == 1
+        assert metric_value(scrape(cfg.server.metrics_port), "rlhf_reward_model_swaps_total", {"outcome": "corrupt"}) == 1
         r = httpx.post(f"http://127.0.0.1:{cfg.http_port}/v1/score",
                        json={"items": [{"prompt": "a", "response": "b"}]})
         assert r.status_code == 200 and r.json()["model_version"] == "v00000001"

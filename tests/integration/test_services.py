@@ -13,8 +13,10 @@ import torch
 from rlhf.reference.v1 import reference_pb2, reference_pb2_grpc
 from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
 from rlhf_common.bus import Producer, ensure_topics
-from rlhf_common.config import BusConfig, ReferenceConfig, RewardConfig
-from rlhf_common.stack import free_port, wait_healthy
+from rlhf_common.config import BusConfig
+from rlhf_reference.config import ReferenceConfig
+from rlhf_reward.config import RewardConfig
+from rlhf_devstack.stack import free_port, wait_healthy
 
 from tests.helpers import metric_value, scrape
 
@@ -25,7 +27,7 @@ def _start(module: str, cfg, log_path, bus: BusConfig):
     env = {**os.environ, **bus.to_env(), **cfg.to_env(), "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_healthy(f"127.0.0.1:{cfg.port}", 120, proc, log_path)
+    wait_healthy(f"127.0.0.1:{cfg.server.port}", 120, proc, log_path)
     return proc
 
 
@@ -35,9 +37,10 @@ def services(tiny_models, tmp_path_factory, broker):
     logs = tmp_path_factory.mktemp("logs")
     bus = BusConfig(bootstrap=broker.bootstrap, topic_prefix="svc")
     ensure_topics(bus)
-    rcfg = RewardConfig(model=str(reward), port=free_port(), metrics_port=free_port(), http_port=free_port(),
-                        max_length=24, max_batch_items=8)
-    fcfg = ReferenceConfig(model=str(policy), port=free_port(), metrics_port=free_port(), max_batch_items=8)
+    rcfg = RewardConfig(server={"port": free_port(), "metrics_port": free_port()}, model=str(reward),
+                        http_port=free_port(), max_length=24, max_batch_items=8)
+    fcfg = ReferenceConfig(server={"port": free_port(), "metrics_port": free_port()}, model=str(policy),
+                           max_batch_items=8)
     procs = [_start("rlhf_reward", rcfg, logs / "reward.log", bus),
              _start("rlhf_reference", fcfg, logs / "ref.log", bus)]
     yield rcfg, fcfg, policy, reward, bus
@@ -51,7 +54,7 @@ def test_reference_logprobs_equal_transformers(services):
     from transformers import AutoModelForCausalLM
 
     _, fcfg, policy, _, _ = services
-    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.port}"))
+    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.server.port}"))
     items = [([5, 17, 33], [40, 41, 42, 43]), ([9], [100, 7]), ([1, 2, 3, 4, 5, 6], [8])]
     resp = stub.LogProbs(reference_pb2.LogProbsRequest(items=[
         reference_pb2.LogProbsItem(prompt_token_ids=p, response_token_ids=r) for p, r in items]))
@@ -68,7 +71,7 @@ def test_reward_scores_equal_transformers_and_report_truncation(services):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rcfg, _, _, reward, _ = services
-    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.port}"))
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.server.port}"))
     pairs = [("Tell me about the cat.", " The cat sings."), ("Hi", ""), ("Explain why " * 20, "because")]
     resp = stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=p, response=r) for p, r in pairs]))
     tok = AutoTokenizer.from_pretrained(reward)
@@ -89,7 +92,7 @@ def test_reward_scores_equal_transformers_and_report_truncation(services):
 ])
 def test_reward_bad_input_is_invalid_argument(services, request_items, needle):
     rcfg, _, _, _, _ = services
-    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.port}"))
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.server.port}"))
     with pytest.raises(grpc.RpcError) as e:
         stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=p, response=r)
                                                   for p, r in request_items]))
@@ -107,7 +110,7 @@ def test_reward_bad_input_is_invalid_argument(services, request_items, needle):
 ])
 def test_reference_bad_input_is_invalid_argument(services, p, r, needle):
     _, fcfg, _, _, _ = services
-    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.port}"))
+    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.server.port}"))
     with pytest.raises(grpc.RpcError) as e:
         stub.LogProbs(reference_pb2.LogProbsRequest(items=[
             reference_pb2.LogProbsItem(prompt_token_ids=p, response_token_ids=r)]))
@@ -117,12 +120,12 @@ def test_reference_bad_input_is_invalid_argument(services, p, r, needle):
 
 def test_metrics_count_requests_by_status(services):
     rcfg, _, _, _, _ = services
-    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.port}"))
-    before = metric_value(scrape(rcfg.metrics_port), "rlhf_reward_requests_total",
+    stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{rcfg.server.port}"))
+    before = metric_value(scrape(rcfg.server.metrics_port), "rlhf_reward_requests_total",
                           {"method": "Score", "code": "INVALID_ARGUMENT"}) or 0
     with pytest.raises(grpc.RpcError):
         stub.Score(reward_pb2.ScoreRequest())
-    text = scrape(rcfg.metrics_port)
+    text = scrape(rcfg.server.metrics_port)
     assert metric_value(text, "rlhf_reward_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}) \
         == before + 1
     assert metric_value(text, "rlhf_reward_request_seconds_count", {"method": "Score"}) >= 1
@@ -161,7 +164,7 @@ def test_reference_refresh_by_event_then_by_rpc(services, tmp_path):
     from rlhf_common.weights import digest
 
     _, fcfg, policy, _, bus = services
-    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.port}"))
+    stub = reference_pb2_grpc.ReferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{fcfg.server.port}"))
     p, r = [5, 17, 33], [40, 41, 42]
 
     m3 = _perturbed_copy(policy, tmp_path / "v3", seed=3)
@@ -195,7 +198,7 @@ def test_reference_refresh_by_event_then_by_rpc(services, tmp_path):
     version, got = _ref_logprobs(stub, p, r)
     assert version == 5
     assert max(abs(a - b) for a, b in zip(got, _hf_logprobs(m5, p, r))) < 1e-5
-    text = scrape(fcfg.metrics_port)
+    text = scrape(fcfg.server.metrics_port)
     assert metric_value(text, "rlhf_reference_refreshes_total", {"trigger": "event", "outcome": "applied"}) == 1
     assert metric_value(text, "rlhf_reference_refreshes_total", {"trigger": "rpc", "outcome": "applied"}) == 1
     assert metric_value(text, "rlhf_reference_version") == 5

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_common.config import BusConfig, ConfigError, PolicyConfig, TrainerConfig
+from rlhf_common.config import BusConfig, ConfigError
+from rlhf_policy.config import PolicyConfig
+from rlhf_trainer.config import TrainerConfig
 
 
 def test_env_then_flags_precedence(monkeypatch):
@@ -10,7 +12,7 @@ def test_env_then_flags_precedence(monkeypatch):
     monkeypatch.setenv("RLHF_POLICY_PORT", "6000")
     monkeypatch.setenv("RLHF_POLICY_ROLLOUT_ENABLED", "false")
     cfg = PolicyConfig.load(["--port", "7000"])
-    assert cfg.model == "/m" and cfg.port == 7000 and cfg.rollout_enabled is False
+    assert cfg.model == "/m" and cfg.server.port == 7000 and cfg.rollout_enabled is False
 
 
 @pytest.mark.parametrize("env,value,needle", [

@@ -14,9 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_common.algos.logprobs import response_logprobs
-from rlhf_common.models import make_tiny_llama, tiny_prompts
+from rlhf_devstack.models import make_tiny_llama, tiny_prompts
 from rlhf_common.sampling import sample
-from rlhf_trainer.learner import LearnerConfig, PolicyLearner, PreferenceBatch, PreferenceLearner, RolloutBatch
+from rlhf_jobs.learners import PreferenceBatch, PreferenceLearner
+from rlhf_trainer.learner import LearnerConfig, PolicyLearner, RolloutBatch
 
 STEPS = 15
 MARGIN = 0.2
@@ -105,7 +106,7 @@ def test_preference_optimisation_raises_the_reward(setup, kind):
 
 @pytest.mark.slow
 def test_sft_fits_the_demonstrations(setup):
-    from rlhf_trainer.learner import SFTLearner
+    from rlhf_jobs.learners import SFTLearner
 
     path, tok, _, prompts, target = setup
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

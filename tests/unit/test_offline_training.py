@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_common.models import make_tiny_llama
-from rlhf_trainer.offline import DataError, main, read_jsonl
+from rlhf_devstack.models import make_tiny_llama
+from rlhf_jobs.offline import DataError, main, read_jsonl
 
 
 @pytest.fixture(scope="module")

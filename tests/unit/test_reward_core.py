@@ -7,10 +7,11 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rlhf_common.config import ConfigError, RewardConfig
+from rlhf_common.config import ConfigError
+from rlhf_reward.config import RewardConfig
 from rlhf_common.errors import InvalidInput, Overloaded
-from rlhf_common.metrics import RewardMetrics
-from rlhf_common.models import make_tiny_llama, make_tiny_reward_model
+from rlhf_reward.metrics import RewardMetrics
+from rlhf_devstack.models import make_tiny_llama, make_tiny_reward_model
 from rlhf_reward.core import RewardCore, RewardModel, ScoreItem
 
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from rlhf_common.models import make_tiny_llama, make_tiny_reward_model
-from rlhf_reward.data import jsonl_pairs, jsonl_split, pairs_from_ratings, RatedConversation, split_by_prompt
-from rlhf_reward.train import main
+from rlhf_devstack.models import make_tiny_llama, make_tiny_reward_model
+from rlhf_jobs.preference_data import jsonl_pairs, jsonl_split, pairs_from_ratings, RatedConversation, split_by_prompt
+from rlhf_jobs.reward_model import main
 
 GOOD = ["good great happy thanks yes", "nice kind warm bright good", "great friend loves happy song"]
 BAD = ["bad sad no cold dark", "sad bad late dark no", "no bad cold sad night"]
@@ -54,10 +54,10 @@ def test_training_learns_a_separable_preference(tmp_path, lora):
 def test_jsonl_errors_name_the_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1, "rejected": "c"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: prompt, chosen and rejected must be strings"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: field 'chosen' must be a string, got int"):
         jsonl_pairs(p)
     p.write_text('{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'chosen'"):
         jsonl_pairs(p)
 
 

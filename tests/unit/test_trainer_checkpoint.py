@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_common.models import make_tiny_llama
+from rlhf_devstack.models import make_tiny_llama
 from rlhf_trainer.checkpoint import CheckpointStore, TrainerState
 from rlhf_trainer.learner import LearnerConfig, PolicyLearner, RolloutBatch
 

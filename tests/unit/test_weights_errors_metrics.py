@@ -6,7 +6,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from rlhf_common import errors
-from rlhf_common.metrics import TrainerMetrics
+from rlhf_trainer.metrics import TrainerMetrics
 from rlhf_common.weights import WeightStore, digest, local_path, verify
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .groups import group_indices
+
 
 def group_advantages(rewards: torch.Tensor, group_ids: list[str], eps: float = 1e-6,
                      scale_by_std: bool = True) -> torch.Tensor:
@@ -12,10 +14,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: list[str], eps: float = 1
     A group of one sample, or a group whose rewards are all equal, gets advantage 0.
     """
     adv = torch.zeros_like(rewards)
-    groups: dict[str, list[int]] = {}
-    for i, g in enumerate(group_ids):
-        groups.setdefault(g, []).append(i)
-    for idx in groups.values():
+    for idx in group_indices(group_ids):
         r = rewards[idx]
         centered = r - r.mean()
         if scale_by_std and len(idx) > 1:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .groups import group_indices
+
 
 def rloo_advantages(rewards: torch.Tensor, group_ids: list[str]) -> torch.Tensor:
     """A_i = r_i - mean_{j != i, same group} r_j. A group of one gets advantage 0."""
     adv = torch.zeros_like(rewards)
-    groups: dict[str, list[int]] = {}
-    for i, g in enumerate(group_ids):
-        groups.setdefault(g, []).append(i)
-    for idx in groups.values():
+    for idx in group_indices(group_ids):
         k = len(idx)
         if k < 2:
             continue

@@ -2,75 +2,51 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import sys
 
-from prometheus_client import CollectorRegistry
-
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
-from rlhf_common import metrics as metrics_mod
+from rlhf_common import service
 from rlhf_common.bus import ensure_topics
-from rlhf_common.config import BusConfig, PolicyConfig
-from rlhf_common.grpc_server import Server, setup_logging
-from rlhf_common.loops import first_error
+from rlhf_common.config import BusConfig
 
+from .config import PolicyConfig
 from .core import PolicyEngine
+from .metrics import PolicyMetrics
 from .servicer import PolicyServicer
-from .workers import GenerationRecorder, RolloutWorker, WeightSubscriber
+from .workers import GenerationRecorder, RolloutWorker, WeightApplier
 
-log = logging.getLogger("rlhf_policy")
+SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
-async def amain(cfg: PolicyConfig, bus: BusConfig) -> None:
-    registry = CollectorRegistry()
-    m = metrics_mod.PolicyMetrics(registry)
-    metrics_mod.serve(cfg.metrics_port, registry)
-    # Bind the gRPC port before the engine takes its minute to start, so nothing else can
-    # take it meanwhile; health answers only once the server runs.
-    server = Server(cfg.host, cfg.port, [policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name], m)
-    engine = PolicyEngine(cfg)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, engine.start)
-    await engine.prepare()
-    m.version.set(engine.served.version)
-    await loop.run_in_executor(None, ensure_topics, bus)
-
-    recorder = GenerationRecorder(bus) if cfg.record_generations else None
-    m.in_flight.set_function(lambda: engine.in_flight)
-    m.waiting.set_function(lambda: engine.waiting)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        PolicyServicer(engine, m, recorder.record if recorder else None), server.server)
-
-    subscriber = WeightSubscriber(cfg, bus, engine, m, loop)
-    threads = [subscriber]
-    if cfg.rollout_enabled:
-        threads.append(RolloutWorker(cfg, bus, engine, m, loop, subscriber))
-    for t in threads:
-        t.start()
-
-    async def on_stop():
-        for t in threads:
-            t.stop()
-        for t in threads:
-            await loop.run_in_executor(None, t.join, 10)
-
-    try:
-        await server.run(on_stop=on_stop,
-                         watch=lambda: first_error(threads))
-    finally:
+def builder(cfg: PolicyConfig, bus: BusConfig):
+    async def build(rt: service.Runtime) -> None:
+        m: PolicyMetrics = rt.metrics
+        engine = PolicyEngine(cfg)
+        rt.on_stop(engine.shutdown)
+        await rt.blocking(engine.start)
+        await engine.prepare()
+        m.version.set(engine.served.version)
+        await rt.blocking(ensure_topics, bus)
+        recorder = await rt.blocking(GenerationRecorder, bus) if cfg.record_generations else None
         if recorder is not None:
-            recorder.close()
-        engine.shutdown()
+            rt.on_stop(lambda: rt.blocking(recorder.close))
+        m.in_flight.set_function(lambda: engine.in_flight)
+        m.waiting.set_function(lambda: engine.waiting)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(engine, m, recorder.record if recorder else None), rt.grpc)
+        weights = WeightApplier(cfg, bus, engine, m, rt.loop)
+        rt.start_loop(weights.follower)
+        if cfg.rollout_enabled:
+            rt.start_loop(RolloutWorker(cfg, bus, engine, m, rt.loop, weights))
+
+    return build
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging("policy")
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = PolicyConfig.load(argv)
+    cfg = PolicyConfig.load(sys.argv[1:] if argv is None else argv)
     bus = BusConfig.load()
-    log.info("config: %s; bus: %s", cfg, bus)
-    asyncio.run(amain(cfg, bus))
+    service.run(service.ServiceSpec("policy", cfg.server, [SERVICE], PolicyMetrics, config=[cfg, bus]),
+                builder(cfg, bus))
 
 
 if __name__ == "__main__":

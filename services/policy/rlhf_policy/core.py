@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rlhf_common import weights
-from rlhf_common.config import PolicyConfig
+from rlhf_common import envs, weights
 from rlhf_common.errors import InvalidInput, Overloaded
+
+from .config import PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Chunk:
     finish_reason: str  # "" until the last chunk
     policy_version: int
     prompt_token_ids: list[int]  # on the first chunk of each completion
+    prompt_text: str = ""  # the rendered prompt, on the first chunk of each completion
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,15 @@ class PolicyEngine:
         self.in_flight = 0  # requests accepted and not finished (queue depth)
         self.api_in_flight = 0  # of those, API requests (bounded by cfg.max_in_flight)
         self.waiting = 0  # of those, waiting for a weight update to finish
+        # Chat templates and tokenization run here, off the event loop; one thread, since a
+        # tokenizer is not meant to be used from several threads at once.
+        self._text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-tokenize")
 
     def start(self) -> None:
         """Build the vLLM engine (blocking, tens of seconds on CPU)."""
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        # vLLM's CPU backend reads the KV-cache size from its own variable (the config checks
+        # that an existing one agrees with RLHF_POLICY_KV_CACHE_GIB).
+        envs.export("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -153,6 +160,7 @@ class PolicyEngine:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        self._text_pool.shutdown(wait=False)
 
     def _sampling_params(self, s: Sampling, stream: bool = False):
         from vllm import SamplingParams
@@ -204,6 +212,14 @@ class PolicyEngine:
                                f"{self.cfg.max_model_len}")
         return {"prompt_token_ids": ids}
 
+    async def prompt_input(self, prompt: str, messages, max_tokens: int) -> tuple[str, dict]:
+        """The rendered prompt text and its vLLM token input, computed off the event loop."""
+        def work():
+            text = self.render(prompt, list(messages))
+            return text, self.tokenize(text, max_tokens)
+
+        return await asyncio.get_running_loop().run_in_executor(self._text_pool, work)
+
     async def _enter(self, bounded: bool) -> int:
         """Wait until no weight update is running; returns the version requests will see.
 
@@ -235,9 +251,8 @@ class PolicyEngine:
 
     async def generate(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = (),
                        bounded: bool = True) -> Generation:
-        text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling)
-        tokens = self.tokenize(text, sampling.max_tokens)
+        text, tokens = await self.prompt_input(prompt, messages, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         version = await self._enter(bounded)
         try:
@@ -255,9 +270,8 @@ class PolicyEngine:
 
     async def generate_stream(self, prompt: str, sampling: Sampling, messages: list[tuple[str, str]] = ()):
         """Async iterator of Chunk; the whole request runs on one weight version."""
-        text = self.render(prompt, list(messages))
         params = self._sampling_params(sampling, stream=True)
-        tokens = self.tokenize(text, sampling.max_tokens)
+        text, tokens = await self.prompt_input(prompt, messages, sampling.max_tokens)
         request_id = uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in range(sampling.n)]
         started: set[int] = set()
@@ -270,7 +284,8 @@ class PolicyEngine:
                     first = c.index not in started
                     started.add(c.index)
                     yield Chunk(c.index, ids[c.index], c.text, toks, lps, c.finish_reason or "", version,
-                                list(out.prompt_token_ids) if first and out.prompt_token_ids else [])
+                                list(out.prompt_token_ids) if first and out.prompt_token_ids else [],
+                                text if first else "")
         finally:
             await self._leave(bounded=True)
 

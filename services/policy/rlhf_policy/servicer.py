@@ -9,16 +9,15 @@ from typing import Callable
 
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 
-from rlhf_common.metrics import PolicyMetrics
-
 from .core import Completion, Generation, PolicyEngine, Sampling
+from .metrics import PolicyMetrics
 
 
 def sampling_from_proto(p: policy_pb2.SamplingParams, default_max_tokens: int) -> Sampling:
     return Sampling(
         temperature=p.temperature,
         max_tokens=p.max_tokens or default_max_tokens,
-        top_p=p.top_p if 0 < p.top_p < 1 else 1.0,
+        top_p=p.top_p or 1.0,  # 0 is proto3's unset; any other value goes to the engine's check
         top_k=p.top_k,
         n=p.n or 1,
         seed=p.seed if p.has_seed else None,
@@ -62,12 +61,14 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         first = True
         parts: dict[int, dict] = {}
         prompt_ids: list[int] = []
+        prompt_text = ""
         version = 0
         async for ch in self.engine.generate_stream(prompt, sampling, messages):
             if first:
                 self.metrics.ttft.observe(time.perf_counter() - t0)
                 first = False
             prompt_ids = prompt_ids or ch.prompt_token_ids
+            prompt_text = prompt_text or ch.prompt_text
             version = ch.policy_version
             acc = parts.setdefault(ch.index, {"id": ch.generation_id, "text": "", "ids": [], "lps": [], "fin": ""})
             acc["text"] += ch.text
@@ -82,7 +83,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         await self._record(Generation(
             prompt_ids, [Completion(a["id"], a["text"], a["ids"], a["lps"], a["fin"] or "length")
                          for _, a in sorted(parts.items())],
-            version, self.engine.render(prompt, messages), ""))
+            version, prompt_text, ""))
 
     async def GetVersion(self, request, context) -> policy_pb2.GetVersionResponse:
         s = self.engine.served

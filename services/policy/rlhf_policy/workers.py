@@ -1,6 +1,7 @@
 """Kafka-facing loops of the policy service, each in its own thread.
 
-- WeightSubscriber reads rlhf.weights and applies updates for this model.
+- WeightApplier applies this model's updates from rlhf.weights (through the library's
+  WeightsFollower) and tracks the trainer's announced progress.
 - RolloutWorker reads rlhf.prompts and writes n rollouts per prompt to rlhf.rollouts,
   pacing itself against the trainer's progress (back-pressure, never dropping prompts).
 """
@@ -18,44 +19,30 @@ import uuid
 from rlhf.events.v1 import events_pb2
 
 from rlhf_common.bus import Consumer, Producer, now_ms
-from rlhf_common.config import BusConfig, PolicyConfig
+from rlhf_common.config import BusConfig
 from rlhf_common.errors import InvalidInput
 from rlhf_common.loops import BackgroundLoop
-from rlhf_common.metrics import PolicyMetrics
 from rlhf_common.topics import Topics
+from rlhf_common.weights_follower import WeightsFollower
 
+from .config import PolicyConfig
 from .core import PolicyEngine, Sampling
+from .metrics import PolicyMetrics
 
 log = logging.getLogger(__name__)
 
 
-class WeightSubscriber(BackgroundLoop):
+class WeightApplier:
+    """Applies this model's updates from rlhf.weights (the follower's callback, on its
+    thread) and tracks the trainer's progress announced with them."""
+
     def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
                  loop: asyncio.AbstractEventLoop):
-        super().__init__("weight-subscriber")
-        self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
+        self.cfg, self.engine, self.metrics, self.loop = cfg, engine, metrics, loop
         self.groups_consumed = 0  # as last announced by the trainer
         self.progress = threading.Condition()
-        # Set once the updates already on the topic have been read (the compacted topic
-        # holds the latest one), so the rollout worker knows the trainer's progress.
-        self.caught_up = threading.Event()
-
-    def loop_body(self) -> None:
-        c = Consumer(self.bus, Topics(self.bus.topic_prefix).weights, events_pb2.WeightUpdate, group_id=None,
-                     client_id="policy-weights", fetch_max_wait_ms=self.cfg.weights_fetch_wait_ms)
-        try:
-            while not self.stopping.is_set():
-                got = False
-                for rec in c.poll(timeout_ms=200):
-                    got = True
-                    u = rec.record
-                    if u.model_name != self.cfg.model_name:
-                        continue
-                    self.apply(u)
-                if not got:
-                    self.caught_up.set()
-        finally:
-            c.close()
+        self.follower = WeightsFollower(bus, [cfg.model_name], self.apply, client_id="policy-weights",
+                                        fetch_max_wait_ms=cfg.weights_fetch_wait_ms)
 
     def apply(self, u: events_pb2.WeightUpdate) -> None:
         t_recv = time.perf_counter()
@@ -67,7 +54,13 @@ class WeightSubscriber(BackgroundLoop):
             fut = asyncio.run_coroutine_threadsafe(
                 self.engine.apply_update(u.version, u.uri, u.sha256, lora=lora, rollback=u.rollback), self.loop)
             try:
-                fut.result()
+                fut.result(timeout=self.cfg.update_timeout_s)
+            except concurrent.futures.TimeoutError:
+                # A stuck update (or event loop) must not hang this thread for good: end the
+                # follower, and with it the service, so that its supervisor restarts it.
+                fut.cancel()
+                raise RuntimeError(f"weight update v{u.version} did not finish within "
+                                   f"{self.cfg.update_timeout_s:.0f}s ({self.cfg.env_of('update_timeout_s')})")
             except Exception:
                 log.exception("failed to apply weight update v%d from %s", u.version, u.uri)
                 self.metrics.weight_updates.labels("failed").inc()
@@ -75,7 +68,7 @@ class WeightSubscriber(BackgroundLoop):
             self.metrics.weight_sync.observe(time.perf_counter() - t_recv)
             # From the trainer's announcement (its wall clock) to serving, Kafka delivery included;
             # not for updates read while catching up on the topic at start.
-            if u.created_unix_ms > 0 and self.caught_up.is_set():
+            if u.created_unix_ms > 0 and self.follower.caught_up.is_set():
                 self.metrics.weight_event_to_serving.observe(max(0.0, (now_ms() - u.created_unix_ms) / 1000))
             self.metrics.weight_updates.labels("rolled_back" if u.rollback else "applied").inc()
             self.metrics.version.set(u.version)
@@ -87,7 +80,7 @@ class WeightSubscriber(BackgroundLoop):
 
 class RolloutWorker(BackgroundLoop):
     def __init__(self, cfg: PolicyConfig, bus: BusConfig, engine: PolicyEngine, metrics: PolicyMetrics,
-                 loop: asyncio.AbstractEventLoop, weights: WeightSubscriber):
+                 loop: asyncio.AbstractEventLoop, weights: WeightApplier):
         super().__init__("rollout-worker")
         self.cfg, self.bus, self.engine, self.metrics, self.loop = cfg, bus, engine, metrics, loop
         self.weights = weights
@@ -110,7 +103,7 @@ class RolloutWorker(BackgroundLoop):
         return not self.stopping.is_set()
 
     def loop_body(self) -> None:
-        while not self.weights.caught_up.wait(timeout=0.2):
+        while not self.weights.follower.caught_up.wait(timeout=0.2):
             if self.stopping.is_set():
                 return
         with self.weights.progress:

@@ -11,6 +11,7 @@ import torch
 from rlhf_common import weights
 from rlhf_common.algos.logprobs import response_logprobs
 from rlhf_common.errors import InvalidInput
+from rlhf_common.text import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ class ReferenceModel:
 
         self.model_dir = model_dir
         self.model = _load(model_dir)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id(AutoTokenizer.from_pretrained(model_dir))
         self.vocab_size = self.model.config.vocab_size
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 1 << 30)
         self.max_batch_items = max_batch_items

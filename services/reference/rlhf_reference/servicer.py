@@ -7,9 +7,9 @@ import asyncio
 from rlhf.reference.v1 import reference_pb2, reference_pb2_grpc
 
 from rlhf_common.errors import InvalidInput
-from rlhf_common.metrics import ReferenceMetrics
 
 from .core import LogProbsItem, ReferenceModel
+from .metrics import ReferenceMetrics
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):

@@ -1,28 +1,33 @@
-"""The reference service's rlhf.weights follower: explicit refresh events and periodic refresh."""
+"""The reference service's use of rlhf.weights: explicit refresh events and periodic refresh.
+
+The library's WeightsFollower hands updates of the reference and of the policy to
+`ReferenceRefresher.apply` on its own thread.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from rlhf.events.v1 import events_pb2
+from rlhf_common.config import BusConfig
+from rlhf_common.weights_follower import WeightsFollower
 
-from rlhf_common.bus import Consumer
-from rlhf_common.config import BusConfig, ReferenceConfig
-from rlhf_common.loops import BackgroundLoop
-from rlhf_common.metrics import ReferenceMetrics
-from rlhf_common.topics import Topics
-
+from .config import ReferenceConfig
 from .core import ReferenceModel
+from .metrics import ReferenceMetrics
 
 log = logging.getLogger(__name__)
 
 REFERENCE_MODEL_NAME = "reference"
 
 
-class RefreshSubscriber(BackgroundLoop):
-    def __init__(self, cfg: ReferenceConfig, bus: BusConfig, model: ReferenceModel, metrics: ReferenceMetrics):
-        super().__init__("reference-refresh")
-        self.cfg, self.bus, self.model, self.metrics = cfg, bus, model, metrics
+class ReferenceRefresher:
+    def __init__(self, cfg: ReferenceConfig, model: ReferenceModel, metrics: ReferenceMetrics):
+        self.cfg, self.model, self.metrics = cfg, model, metrics
+
+    def follower(self, bus: BusConfig) -> WeightsFollower:
+        return WeightsFollower(bus, [REFERENCE_MODEL_NAME, self.cfg.policy_model_name], self.apply,
+                               client_id="reference-refresh")
 
     def trigger(self, u: events_pb2.WeightUpdate) -> str | None:
         """Why this update should move the reference, or None."""
@@ -33,23 +38,15 @@ class RefreshSubscriber(BackgroundLoop):
             return "periodic"
         return None
 
-    def loop_body(self) -> None:
-        c = Consumer(self.bus, Topics(self.bus.topic_prefix).weights, events_pb2.WeightUpdate, group_id=None,
-                     client_id="reference-refresh")
+    def apply(self, u: events_pb2.WeightUpdate) -> None:
+        why = self.trigger(u)
+        if why is None:
+            return
         try:
-            while not self.stopping.is_set():
-                for rec in c.poll(timeout_ms=200):
-                    u = rec.record
-                    why = self.trigger(u)
-                    if why is None:
-                        continue
-                    try:
-                        applied = self.model.refresh(u.uri, u.version, u.sha256)
-                    except Exception:
-                        log.exception("refresh to v%d from %s failed", u.version, u.uri)
-                        self.metrics.refreshes.labels(why, "failed").inc()
-                        continue
-                    self.metrics.refreshes.labels(why, "applied" if applied else "skipped").inc()
-                    self.metrics.version.set(self.model.version)
-        finally:
-            c.close()
+            applied = self.model.refresh(u.uri, u.version, u.sha256)
+        except Exception:
+            log.exception("refresh to v%d from %s failed", u.version, u.uri)
+            self.metrics.refreshes.labels(why, "failed").inc()
+            return
+        self.metrics.refreshes.labels(why, "applied" if applied else "skipped").inc()
+        self.metrics.version.set(self.model.version)

@@ -23,9 +23,11 @@ import torch
 
 from rlhf_common.algos.bradley_terry import preference_probability
 from rlhf_common.errors import InvalidInput, NotReady, Overloaded
-from rlhf_common.metrics import RewardMetrics
+from rlhf_common.text import encode_pairs, ensure_pad_token
 from rlhf_common.running_stats import RunningStats, StatsSnapshot
 from rlhf_common.weights import MANIFEST
+
+from .metrics import RewardMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +78,6 @@ class ModelInfo:
     shadow_model_version: str
 
 
-def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int):
-    """Tokenize (prompt, response) pairs the one way both serving and training do.
-
-    Pair encoding: BERT-style models get [CLS] p [SEP] r [SEP]; decoder models a plain
-    join. Returns the padded batch (truncated to max_length, longest part first) and,
-    per pair, whether it was truncated.
-    """
-    lengths = [len(ids) for ids in tokenizer(prompts, responses)["input_ids"]]
-    enc = tokenizer(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
-                    return_tensors="pt")
-    return enc, [n > max_length for n in lengths]
-
-
 def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
     """Indices grouped by length (shortest first) so that each group's padded size is at
     most (1 + max_padding) times its real token count."""
@@ -121,8 +110,7 @@ class RewardModel:
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {self.model_dir!r} has num_labels={self.model.config.num_labels}, "
@@ -143,10 +131,8 @@ class RewardModel:
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         """Blocking: call it from a worker thread, never from the event loop."""
-        prompts, responses = [it.prompt for it in items], [it.response for it in items]
-        full = self.tokenizer(prompts, responses)["input_ids"]
-        truncated = [len(ids) > self.max_length for ids in full]
-        enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length)
+        enc, truncated = encode_pairs(self.tokenizer, [it.prompt for it in items], [it.response for it in items],
+                                      self.max_length)
         lengths = [len(ids) for ids in enc["input_ids"]]
         scores = [0.0] * len(items)
         with self._lock, torch.inference_mode():

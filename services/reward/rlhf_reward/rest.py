@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf_common import errors
-from rlhf_common.metrics import RewardMetrics
 
 from .auth import ApiKeys
 from .core import RewardCore, ScoreItem
+from .metrics import RewardMetrics
 
 log = logging.getLogger(__name__)
 

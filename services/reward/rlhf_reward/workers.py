@@ -1,68 +1,34 @@
-"""WeightSubscriber: reads rlhf.weights and hot-swaps the reward model in its own thread.
+"""Hot swaps of the reward model: updates announced on rlhf.weights, applied off the request path.
 
-A new checkpoint is checked (sha256) and loaded here, off the request path; only the
-final reference swap touches the serving core, so no request waits or fails for it.
+The library's WeightsFollower hands each update for this model to `RewardUpdater.apply` on
+its own thread. A new checkpoint is checked (sha256) and loaded there; only the final
+reference swap touches the serving core, so no request waits or fails for it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
-from kafka.errors import KafkaError
-
 from rlhf.events.v1 import events_pb2
-from rlhf_common.bus import Consumer
-from rlhf_common.config import BusConfig, RewardConfig
+from rlhf_common.config import BusConfig
 from rlhf_common.errors import WeightsCorrupt
-from rlhf_common.metrics import RewardMetrics
-from rlhf_common.topics import Topics
 from rlhf_common.weights import local_path, verify
+from rlhf_common.weights_follower import WeightsFollower
 
+from .config import RewardConfig
 from .core import RewardCore, RewardModel
+from .metrics import RewardMetrics
 
 log = logging.getLogger(__name__)
 
 
-class WeightSubscriber(threading.Thread):
-    def __init__(self, cfg: RewardConfig, bus: BusConfig, core: RewardCore, metrics: RewardMetrics | None,
-                 retry_s: float = 5.0):
-        super().__init__(name="reward-weight-subscriber", daemon=True)
-        self.cfg, self.bus, self.core, self.metrics = cfg, bus, core, metrics
-        self.retry_s = retry_s
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
+class RewardUpdater:
+    def __init__(self, cfg: RewardConfig, core: RewardCore, metrics: RewardMetrics | None):
+        self.cfg, self.core, self.metrics = cfg, core, metrics
 
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # surfaced through health (the service exits 1) and logs
-            self.error = e
-            log.exception("%s died", self.name)
-
-    def _run(self) -> None:
-        topic = Topics(self.bus.topic_prefix).weights
-        while not self.stopping.is_set():
-            # The broker being away does not stop scoring: the service keeps serving the
-            # model it has and tries again.
-            try:
-                c = Consumer(self.bus, topic, events_pb2.WeightUpdate, group_id=None, client_id="reward-weights")
-            except (KafkaError, ConnectionError) as e:
-                log.warning("cannot read %s at %s (%s); retrying in %.0fs", topic, self.bus.bootstrap, e,
-                            self.retry_s)
-                self.stopping.wait(self.retry_s)
-                continue
-            try:
-                while not self.stopping.is_set():
-                    for rec in c.poll(timeout_ms=200):
-                        if rec.record.model_name == self.cfg.model_name:
-                            self.apply(rec.record)
-            finally:
-                c.close()
+    def follower(self, bus: BusConfig, retry_s: float = 5.0) -> WeightsFollower:
+        return WeightsFollower(bus, [self.cfg.model_name], self.apply, client_id="reward-weights", retry_s=retry_s)
 
     def apply(self, u: events_pb2.WeightUpdate) -> bool:
         """Load, check and swap in the announced version if it is newer; True when swapped."""

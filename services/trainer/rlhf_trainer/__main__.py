@@ -2,52 +2,41 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import functools
 import sys
-import threading
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from rlhf_common import metrics as metrics_mod
+from rlhf_common import service
 from rlhf_common.bus import ensure_topics
-from rlhf_common.config import BusConfig, TrainerConfig
-from rlhf_common.grpc_server import Server, setup_logging
+from rlhf_common.config import BusConfig
 
-from .core import Trainer
+from .config import TrainerConfig
+from .core import Trainer, TrainingLoop
+from .metrics import TrainerMetrics
 from .servicer import TrainerServicer
 
-log = logging.getLogger("rlhf_trainer")
+SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-async def amain(cfg: TrainerConfig, bus: BusConfig) -> None:
-    torch.set_num_threads(cfg.torch_threads)
-    registry = CollectorRegistry()
-    m = metrics_mod.TrainerMetrics(registry)
-    metrics_mod.serve(cfg.metrics_port, registry)
-    server = Server(cfg.host, cfg.port, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name], m)
-    loop = asyncio.get_running_loop()
-    trainer = await loop.run_in_executor(None, Trainer, cfg, bus, m)
-    await loop.run_in_executor(None, ensure_topics, bus)
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(trainer), server.server)
-    thread = threading.Thread(target=trainer.run, name="trainer-loop", daemon=True)
-    thread.start()
+def builder(cfg: TrainerConfig, bus: BusConfig):
+    async def build(rt: service.Runtime) -> None:
+        torch.set_num_threads(cfg.torch_threads)
+        trainer = await rt.blocking(Trainer, cfg, bus, rt.metrics)
+        await rt.blocking(ensure_topics, bus)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(trainer), rt.grpc)
+        rt.start_loop(TrainingLoop(trainer))
 
-    async def on_stop():
-        trainer.stopping.set()
-        await loop.run_in_executor(None, thread.join, 30)
-
-    await server.run(on_stop=on_stop, watch=lambda: trainer.error)
+    return build
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging("trainer")
     cfg = TrainerConfig.load(sys.argv[1:] if argv is None else argv)
     bus = BusConfig.load()
-    log.info("config: %s; bus: %s", cfg, bus)
-    asyncio.run(amain(cfg, bus))
+    metrics = functools.partial(TrainerMetrics, kl_estimator=cfg.kl_estimator)
+    service.run(service.ServiceSpec("trainer", cfg.server, [SERVICE], metrics, config=[cfg, bus]),
+                builder(cfg, bus))
 
 
 if __name__ == "__main__":

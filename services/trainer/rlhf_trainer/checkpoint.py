@@ -4,7 +4,8 @@ A checkpoint is a folder `<root>/step-<step:08d>/state.pt` holding the learner s
 (optimizer, value head, KL controller, Python RNG), torch's RNG state, the counters, the
 Kafka offsets to continue from, and the ids of recently trained rollouts (for dedup). The
 model weights are the published version folder the state names. Folders are written under
-a temporary name and renamed into place, so a crash leaves either the old or the new one.
+a temporary name and renamed into place (an existing one is swapped atomically), so a crash
+leaves either the old or the new one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from rlhf_common.fsutil import publish_dir
 
 
 @dataclass
@@ -48,8 +51,7 @@ class CheckpointStore:
         torch.save(state.__dict__, tmp / "state.pt")
         with open(tmp / "state.pt", "rb") as f:
             os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         for old in self.steps()[:-self.keep]:
             shutil.rmtree(self.folder(old), ignore_errors=True)
         return final
@@ -64,5 +66,7 @@ class CheckpointStore:
         steps = self.steps()
         if not steps:
             return None
-        raw = torch.load(self.folder(steps[-1]) / "state.pt", weights_only=False)
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects
+        # (the store is shared, so its files are not trusted to run code).
+        raw = torch.load(self.folder(steps[-1]) / "state.pt", weights_only=True)
         return TrainerState(**raw)

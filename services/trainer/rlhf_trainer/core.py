@@ -23,14 +23,17 @@ import torch
 from rlhf.events.v1 import events_pb2
 
 from rlhf_common.bus import Consumer, Producer, Received, now_ms
-from rlhf_common.config import BusConfig, TrainerConfig
-from rlhf_common.metrics import TrainerMetrics
+from rlhf_common.config import BusConfig
+from rlhf_common.loops import BackgroundLoop
+from rlhf_common.text import pad_id
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
 from .checkpoint import CheckpointStore, TrainerState
 from .clients import ReferenceClient, RewardClient
+from .config import TrainerConfig
 from .learner import LearnerConfig, PolicyLearner, RolloutBatch
+from .metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,7 @@ class Trainer:
         self.cfg, self.bus, self.metrics = cfg, bus, metrics
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.pad_id = pad_id(self.tokenizer)
         self.store = WeightStore(cfg.weight_store)
         self.checkpoints = CheckpointStore(Path(cfg.weight_store) / f"{cfg.model_name}-trainer-state",
                                            keep=cfg.keep_checkpoints)
@@ -152,9 +154,8 @@ class Trainer:
         self.paused = threading.Event()
         # Held while the model and optimizer change, so a Checkpoint RPC sees a consistent state.
         self._state_lock = threading.Lock()
+        # Set by the TrainingLoop that runs `run` to make it return.
         self.stopping = threading.Event()
-        self.error: BaseException | None = None
-        self.done = threading.Event()
 
     def _load_model(self, checkpoint: str | None):
         """The policy to train: full weights, or the base model plus a trainable LoRA adapter."""
@@ -178,15 +179,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:
-            self.error = e
-            log.exception("trainer loop died")
-        finally:
-            self.done.set()
-
-    def _run(self) -> None:
+        """Consume rollouts and train until `stopping` is set or max_steps is reached (blocking)."""
         topics = Topics(self.bus.topic_prefix)
         consumer = Consumer(self.bus, topics.rollouts, events_pb2.Rollout, group_id=self.cfg.group_id,
                             client_id="trainer", id_of=lambda r: r.rollout_id)
@@ -304,13 +297,15 @@ class Trainer:
             return None
         from transformers import AutoModelForCausalLM
 
-        from .evaluation import Evaluator, load_prompts
+        from rlhf_common.jsonl import read_prompts
+
+        from .evaluation import Evaluator
 
         # The baseline is the initial (SFT) policy, also after a resume.
         sft = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
-        ev = Evaluator(load_prompts(self.cfg.eval_prompts), self.tokenizer, sft, reward,
+        ev = Evaluator(read_prompts(Path(self.cfg.eval_prompts)), self.tokenizer, sft, reward,
                        self.cfg.eval_max_tokens, Path(self.cfg.weight_store) / f"{self.cfg.model_name}-eval.jsonl",
-                       seed=self.cfg.seed + 1234)
+                       seed=self.cfg.seed + 1234, kl_estimator=self.cfg.kl_estimator)
         log.info("evaluating every %d steps on %d held-out prompts", self.cfg.eval_every, len(ev.texts))
         return ev
 
@@ -369,3 +364,15 @@ class Trainer:
         latest = self.store.latest(self.cfg.model_name)
         path, sha = (str(latest.path), latest.sha256) if latest else (self.cfg.model, "")
         return self.checkpoints.save(self._state(self.version, path, sha))
+
+
+class TrainingLoop(BackgroundLoop):
+    """The trainer's loop as a background thread of the service."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__("trainer-loop")
+        self.trainer = trainer
+        self.stopping = trainer.stopping
+
+    def loop_body(self) -> None:
+        self.trainer.run()

@@ -18,27 +18,9 @@ import torch
 
 from rlhf_common.algos.kl import kl_per_token
 from rlhf_common.sampling import Samples, sample
+from rlhf_common.text import pad_id
 
 from .clients import ReferenceClient, RewardClient
-
-
-def load_prompts(path: str) -> list[str]:
-    """One prompt per line, or JSONL with a "prompt" field."""
-    out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                out.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
-        else:
-            out.append(line)
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
 
 
 @dataclass(frozen=True)
@@ -46,7 +28,7 @@ class EvalResult:
     step: int
     version: int
     win_rate: float  # share of prompts where the current answer outscores the SFT answer (ties count 1/2)
-    kl: float  # mean per-token KL(current || reference) on the current answers, nats (k3)
+    kl: float  # mean per-token KL(current || reference) on the current answers, nats (the trainer's estimator)
     response_length: float
     reward_mean: float
     baseline_reward_mean: float
@@ -56,11 +38,12 @@ class EvalResult:
 
 class Evaluator:
     def __init__(self, prompts: list[str], tokenizer, model, reward: RewardClient, max_tokens: int,
-                 log_path: Path, seed: int = 1234):
+                 log_path: Path, seed: int = 1234, kl_estimator: str = "k3"):
         self.texts = prompts
         self.heldout = set(prompts)
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
+        self.kl_estimator = kl_estimator
         self.ids = [tokenizer(p).input_ids for p in prompts]
         self.max_tokens = max_tokens
         self.log_path = log_path
@@ -90,7 +73,7 @@ class Evaluator:
         ref = reference.logprobs(cur.prompts, cur.responses)
         kl_sum, n_tok = 0.0, 0
         for lp, rl in zip(cur.logprobs, ref):
-            kl_sum += float(kl_per_token(torch.tensor(lp), torch.tensor(rl), "k3").sum())
+            kl_sum += float(kl_per_token(torch.tensor(lp), torch.tensor(rl), self.kl_estimator).sum())
             n_tok += len(lp)
         wins = [1.0 if scores[g] > self.baseline_scores[g] else 0.5 if scores[g] == self.baseline_scores[g] else 0.0
                 for g in scores if g in self.baseline_scores]

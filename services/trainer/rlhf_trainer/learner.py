@@ -1,4 +1,5 @@
-"""Policy optimisation steps on a transformers causal LM: GRPO, RLOO, PPO, DPO/IPO, SFT.
+"""Policy optimisation steps on a transformers causal LM, for any registered algorithm
+(GRPO, RLOO, PPO, and whatever `rlhf_common.algos.registry` gains).
 
 Independent of Kafka and gRPC: the trainer service feeds it batches built from rollouts,
 and the learning tests feed it batches sampled in-process. All maths lives in
@@ -13,21 +14,16 @@ from typing import Literal
 
 import torch
 
-from rlhf_common.algos.dpo import preference_loss, sequence_logprob
-from rlhf_common.algos.grpo import group_advantages, masked_mean
+from rlhf_common.algos.grpo import masked_mean
 from rlhf_common.algos.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from rlhf_common.algos.logprobs import pack_sequences, token_logprobs
-from rlhf_common.algos.ppo import (entropy, gae, kl_shaped_rewards, policy_loss, truncated_is_weights,
-                                   value_loss, whiten)
-from rlhf_common.algos.rloo import rloo_advantages
-from rlhf_common.algos.sft import sft_loss
-
-Algorithm = Literal["grpo", "rloo", "ppo"]
+from rlhf_common.algos.ppo import entropy, truncated_is_weights, value_loss
+from rlhf_common.algos.registry import ALGORITHMS, AdvantageInputs, LossInputs
 
 
 @dataclass
 class LearnerConfig:
-    algorithm: Algorithm = "grpo"
+    algorithm: str = "grpo"  # a name in rlhf_common.algos.registry.ALGORITHMS
     lr: float = 1e-4
     kl_beta: float = 0.05
     # None: fixed beta. A number: adaptive beta that tracks this KL (nats per token).
@@ -103,7 +99,10 @@ class PolicyLearner:
         self.model = model
         self.cfg = cfg
         self.pad_id = pad_id
-        self.value_head = ValueHead(model.config.hidden_size) if cfg.algorithm == "ppo" else None
+        self.algorithm = ALGORITHMS.get(cfg.algorithm)
+        self.estimator = self.algorithm.estimator
+        self.loss_fn = self.algorithm.loss_fn
+        self.value_head = ValueHead(model.config.hidden_size) if self.estimator.needs_values else None
         params = list(model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
@@ -126,22 +125,16 @@ class PolicyLearner:
         behaviour = _scatter(batch.behaviour_logprobs, batch.prompts, mask.shape)
         ref = _scatter(batch.ref_logprobs, batch.prompts, mask.shape)
         scores = torch.tensor(batch.scores, dtype=torch.float32)
-        is_ppo = cfg.algorithm == "ppo"
+        with_values = self.value_head is not None
         with torch.no_grad():
-            old_logp, _, old_values = self._forward(input_ids, attn, want_values=is_ppo)
+            old_logp, _, old_values = self._forward(input_ids, attn, want_values=with_values)
             kl_old = kl_per_token(old_logp, ref, cfg.kl_estimator) * mask
             beta = self.kl_ctl.beta
-            if cfg.algorithm == "grpo":
-                seq_scores = scores - (beta * kl_old.sum(-1) if cfg.kl_in == "reward" else 0.0)
-                adv = group_advantages(seq_scores, batch.group_ids).unsqueeze(-1) * mask
-            elif cfg.algorithm == "rloo":
-                seq_scores = scores - (beta * kl_old.sum(-1) if cfg.kl_in == "reward" else 0.0)
-                adv = rloo_advantages(seq_scores, batch.group_ids).unsqueeze(-1) * mask
-            else:
-                token_rewards = kl_shaped_rewards(scores, kl_old if cfg.kl_in == "reward" else torch.zeros_like(
-                    kl_old), mask, beta)
-                adv, returns = gae(token_rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-                adv = whiten(adv, mask)
+            est = self.estimator.fn(AdvantageInputs(
+                scores=scores, kl=kl_old, mask=mask, group_ids=batch.group_ids, beta=beta,
+                kl_in_reward=cfg.kl_in == "reward", values=old_values * mask if with_values else None,
+                gamma=cfg.gamma, lam=cfg.lam))
+            adv, returns = est.advantages, est.returns
             is_w = truncated_is_weights(old_logp, behaviour, cfg.is_cap) * mask
             diff = ((old_logp - behaviour).abs() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
@@ -153,14 +146,15 @@ class PolicyLearner:
             self.rng.shuffle(order)
             for start in range(0, B, mb):
                 idx = torch.tensor(order[start:start + mb])
-                logp, logits, values = self._forward(input_ids[idx], attn[idx], want_values=is_ppo)
+                logp, logits, values = self._forward(input_ids[idx], attn[idx], want_values=with_values)
                 m = mask[idx]
-                pl = policy_loss(logp, old_logp[idx], adv[idx], m, cfg.clip_eps, is_weights=is_w[idx])
+                pl = self.loss_fn(LossInputs(logp=logp, old_logp=old_logp[idx], advantages=adv[idx], mask=m,
+                                             is_weights=is_w[idx], clip_eps=cfg.clip_eps))
                 loss = pl.loss
                 if cfg.kl_in == "loss" and beta > 0:
                     loss = loss + beta * masked_mean(kl_per_token(logp, ref[idx], cfg.kl_estimator), m)
                 vl = torch.zeros(())
-                if is_ppo:
+                if returns is not None:
                     vl = value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
                     loss = loss + cfg.vf_coef * vl
                 ent = entropy(logits, m)
@@ -200,55 +194,3 @@ class PolicyLearner:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.rng.setstate(state["rng"])
         self.updates = int(state["updates"])
-
-
-@dataclass
-class PreferenceBatch:
-    prompts: list[list[int]]
-    chosen: list[list[int]]
-    rejected: list[list[int]]
-    ref_chosen: list[float]  # reference sequence log-probs of the chosen responses, (B,)
-    ref_rejected: list[float]
-
-
-class PreferenceLearner:
-    """DPO / IPO on preference pairs."""
-
-    def __init__(self, model, lr: float, pad_id: int, beta: float = 0.1, kind: Literal["dpo", "ipo"] = "dpo",
-                 max_grad_norm: float = 1.0):
-        self.model, self.pad_id, self.beta, self.kind = model, pad_id, beta, kind
-        self.max_grad_norm = max_grad_norm
-        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def sequence_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        input_ids, attn, mask = pack_sequences(prompts, responses, self.pad_id)
-        logp = token_logprobs(self.model(input_ids=input_ids, attention_mask=attn).logits, input_ids)
-        return sequence_logprob(logp, mask)
-
-    def step(self, batch: PreferenceBatch) -> dict:
-        n = len(batch.prompts)
-        both = self.sequence_logprobs(batch.prompts + batch.prompts, batch.chosen + batch.rejected)
-        out = preference_loss(both[:n], both[n:], torch.tensor(batch.ref_chosen), torch.tensor(batch.ref_rejected),
-                              beta=self.beta, kind=self.kind)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        return {"loss": float(out.loss.detach()), "accuracy": float(out.accuracy),
-                "chosen_reward": float(out.chosen_reward), "rejected_reward": float(out.rejected_reward)}
-
-
-class SFTLearner:
-    def __init__(self, model, lr: float, pad_id: int, max_grad_norm: float = 1.0):
-        self.model, self.pad_id, self.max_grad_norm = model, pad_id, max_grad_norm
-        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def step(self, prompts: list[list[int]], responses: list[list[int]]) -> float:
-        input_ids, attn, mask = pack_sequences(prompts, responses, self.pad_id)
-        logp = token_logprobs(self.model(input_ids=input_ids, attention_mask=attn).logits, input_ids)
-        loss = sft_loss(logp, mask)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        return float(loss.detach())

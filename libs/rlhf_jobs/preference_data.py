@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_common.jsonl import read_jsonl
+
 
 @dataclass(frozen=True)
 class PreferencePair:
@@ -120,21 +122,8 @@ def chitchat_split(min_gap: float = 3.0, held_out_fraction: float = 0.2, max_per
 
 def jsonl_pairs(path: str | Path) -> list[PreferencePair]:
     """One JSON object per line: {"prompt", "chosen", "rejected"} (strings), optional "gap"."""
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            fields = [rec[k] for k in ("prompt", "chosen", "rejected")]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected ({e})") from None
-        if not all(isinstance(f, str) for f in fields):
-            raise ValueError(f"{path}:{n}: prompt, chosen and rejected must be strings")
-        out.append(PreferencePair(*fields, gap=float(rec.get("gap", 0.0))))
-    if not out:
-        raise ValueError(f"{path}: no pairs")
-    return out
+    rows = read_jsonl(Path(path), ("prompt", "chosen", "rejected"), may_be_empty=("prompt", "chosen", "rejected"))
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], gap=float(r.get("gap", 0.0))) for r in rows]
 
 
 def jsonl_split(path: str | Path, held_out_fraction: float = 0.2, seed: int = 0) -> Split:

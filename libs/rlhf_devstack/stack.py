@@ -2,9 +2,9 @@
 
 Used by `make up` / `make down`, by `make demo`, and by the integration and e2e tests.
 
-    python -m rlhf_common.stack up --run-dir .run     # start in the background, print ports
-    python -m rlhf_common.stack seed --run-dir .run   # send prompts to the running stack
-    python -m rlhf_common.stack down --run-dir .run   # stop what `up` started
+    python -m rlhf_devstack.stack up --run-dir .run     # start in the background, print ports
+    python -m rlhf_devstack.stack seed --run-dir .run   # send prompts to the running stack
+    python -m rlhf_devstack.stack down --run-dir .run   # stop what `up` started
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .config import BusConfig, PolicyConfig, ReferenceConfig, RewardConfig, TrainerConfig
+from rlhf_common.bus import Producer, now_ms
+from rlhf_common.config import BusConfig
+from rlhf_common.topics import Topics
+from rlhf_policy.config import PolicyConfig
+from rlhf_reference.config import ReferenceConfig
+from rlhf_reward.config import RewardConfig
+from rlhf_trainer.config import TrainerConfig
+
 from .devbroker import DevBroker
-from .topics import Topics
 
 SERVICES = ("reward", "reference", "trainer", "policy")
-
-
-def _field_default(cls, name: str):
-    import dataclasses
-
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+CONFIGS = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig, "trainer": TrainerConfig}
 
 
 def free_port() -> int:
@@ -115,11 +116,9 @@ class Stack:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_models()
         if s.default_ports:
-            defaults = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig,
-                        "trainer": TrainerConfig}
-            ports = {n: (_field_default(defaults[n], "port"), _field_default(defaults[n], "metrics_port"))
+            ports = {n: (CONFIGS[n].default_of("port", "server"), CONFIGS[n].default_of("metrics_port", "server"))
                      for n in SERVICES}
-            broker_port = int(_field_default(BusConfig, "bootstrap").rsplit(":", 1)[1])
+            broker_port = int(BusConfig.default_of("bootstrap").rsplit(":", 1)[1])
         else:
             ports = {n: (free_port(), free_port()) for n in SERVICES}
             broker_port = free_port()
@@ -127,23 +126,25 @@ class Stack:
         self.bus = BusConfig(bootstrap=self.broker.bootstrap, topic_prefix=s.topic_prefix)
         self.addrs = {n: f"127.0.0.1:{p[0]}" for n, p in ports.items()}
         self.metrics_ports = {n: p[1] for n, p in ports.items()}
+
+        def server(name: str) -> dict:
+            return {"port": ports[name][0], "metrics_port": ports[name][1]}
+
         self.configs = {
-            "reward": RewardConfig(model=str(s.reward_model), port=ports["reward"][0],
-                                   metrics_port=ports["reward"][1],
-                                   http_port=_field_default(RewardConfig, "http_port") if s.default_ports
+            "reward": RewardConfig(model=str(s.reward_model), server=server("reward"),
+                                   http_port=RewardConfig.default_of("http_port") if s.default_ports
                                    else free_port()),
-            "reference": ReferenceConfig(model=str(s.policy_model), port=ports["reference"][0],
-                                         metrics_port=ports["reference"][1]),
+            "reference": ReferenceConfig(model=str(s.policy_model), server=server("reference")),
             "trainer": TrainerConfig(
-                model=str(s.policy_model), weight_store=str(s.run_dir / "weights"), port=ports["trainer"][0],
-                metrics_port=ports["trainer"][1], reward_addr=self.addrs["reward"],
+                model=str(s.policy_model), weight_store=str(s.run_dir / "weights"), server=server("trainer"),
+                reward_addr=self.addrs["reward"],
                 reference_addr=self.addrs["reference"], groups_per_step=s.groups_per_step, lr=s.trainer_lr,
                 kl_beta=s.kl_beta, max_steps=s.trainer_max_steps,
                 lora_rank=s.lora_rank,
                 eval_prompts=str(s.eval_prompts or ""), eval_every=s.eval_every if s.eval_prompts else 0,
             ),
             "policy": PolicyConfig(
-                model=str(s.policy_model), port=ports["policy"][0], metrics_port=ports["policy"][1],
+                model=str(s.policy_model), server=server("policy"),
                 rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
                 dtype=s.policy_dtype, rollout_enabled=s.rollout_enabled, lora_preload=s.lora_rank > 0,
             ),
@@ -219,8 +220,6 @@ class Stack:
 def seed_prompts(bus: BusConfig, texts: list[str], n: int = 0, source: str = "seed") -> list[str]:
     """Produce prompts to rlhf.prompts; returns their ids."""
     from rlhf.events.v1 import events_pb2
-
-    from .bus import Producer, now_ms
 
     topic = Topics(bus.topic_prefix).prompts
     prod = Producer(bus, client_id="seeder")

@@ -1,7 +1,7 @@
 """Offline training from files: SFT on demonstrations, DPO/IPO on preference pairs.
 
-    python -m rlhf_trainer.offline sft --model DIR --data demos.jsonl --out DIR
-    python -m rlhf_trainer.offline dpo --model DIR --data pairs.jsonl --out DIR [--beta 0.1]
+    python -m rlhf_jobs.offline sft --model DIR --data demos.jsonl --out DIR
+    python -m rlhf_jobs.offline dpo --model DIR --data pairs.jsonl --out DIR [--beta 0.1]
 
 Data is JSONL: {"prompt", "response"} for sft, {"prompt", "chosen", "rejected"} for dpo/ipo.
 The output is an HF model folder (loadable by every service) plus `train_metrics.json`.
@@ -19,40 +19,10 @@ from pathlib import Path
 
 import torch
 
+from rlhf_common.jsonl import DataError, read_jsonl
+from rlhf_common.text import pad_id
+
 FIELDS = {"sft": ("prompt", "response"), "dpo": ("prompt", "chosen", "rejected"), "ipo": ("prompt", "chosen", "rejected")}
-
-
-class DataError(ValueError):
-    pass
-
-
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows with the given string fields; a bad line is reported with its number, none is skipped."""
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e})") from None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: expected an object with {list(fields)}")
-        for f in fields:
-            if f not in row:
-                raise DataError(f"{path}:{i}: missing field {f!r}")
-            if not isinstance(row[f], str):
-                raise DataError(f"{path}:{i}: field {f!r} must be a string, got {type(row[f]).__name__}")
-            if f != "prompt" and not row[f].strip():
-                raise DataError(f"{path}:{i}: field {f!r} is empty")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 @dataclass
@@ -80,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rlhf_common.algos.logprobs import response_logprobs
 
-    from .learner import PreferenceBatch, PreferenceLearner, SFTLearner
+    from .learners import PreferenceBatch, PreferenceLearner, SFTLearner
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=sorted(FIELDS))
@@ -106,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.train()
     data = encode(tok, rows, args.mode, args.max_length)

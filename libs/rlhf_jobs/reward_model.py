@@ -1,6 +1,6 @@
-"""python -m rlhf_reward.train: train a reward model on preference pairs (Bradley-Terry).
+"""python -m rlhf_jobs.reward_model: train a reward model on preference pairs (Bradley-Terry).
 
-    python -m rlhf_reward.train --data chitchat --backbone minilm --out runs/rm \\
+    python -m rlhf_jobs.reward_model --data chitchat --backbone minilm --out runs/rm \\
         --max-train-pairs 1600 --max-held-out-pairs 600
 
 Writes an HF model folder (AutoModelForSequenceClassification, one label, the format the
@@ -33,10 +33,11 @@ from rlhf_common.algos.bradley_terry import (
     wilson_interval,
 )
 
-from .core import encode_pairs
-from .data import PreferencePair, Split, chitchat_split, jsonl_split, minilm_dir
+from rlhf_common.text import encode_pairs, ensure_pad_token
 
-log = logging.getLogger("rlhf_reward.train")
+from .preference_data import PreferencePair, Split, chitchat_split, jsonl_split, minilm_dir
+
+log = logging.getLogger("rlhf_jobs.reward_model")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainArgs:
 
 def parse_args(argv: list[str] | None) -> TrainArgs:
     d = TrainArgs()
-    p = argparse.ArgumentParser(prog="python -m rlhf_reward.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m rlhf_jobs.reward_model", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=d.data, help="'chitchat' or a JSONL file of {prompt, chosen, rejected}")
     p.add_argument("--backbone", default=d.backbone,
@@ -135,9 +136,7 @@ def load_model(a: TrainArgs):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = str(minilm_dir()) if a.backbone == "minilm" else a.backbone
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
     torch.manual_seed(a.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     if model.config.pad_token_id is None:
@@ -172,7 +171,7 @@ def score_pairs(model, tok, pairs: list[PreferencePair], max_length: int, batch_
             part = pairs[i:i + batch_size]
             prompts = [p.prompt for p in part] * 2
             responses = [p.chosen for p in part] + [p.rejected for p in part]
-            enc, _ = encode_pairs(tok, prompts, responses, max_length)
+            enc, _ = encode_pairs(tok, prompts, responses, max_length, padded=True)
             r = model(**enc).logits[:, 0]
             chosen.append(r[:len(part)])
             rejected.append(r[len(part):])

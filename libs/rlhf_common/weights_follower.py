@@ -1,0 +1,67 @@
+"""The one follower of the rlhf.weights topic: every service that swaps models uses it.
+
+It reads the compacted topic from the beginning (so a restarted replica sees the latest
+update of each model), and hands every update for the given model names to a callback, on
+its own thread. The callback decides what an update means (apply, skip as old, refresh).
+While the broker is away, at start or later, the follower logs and tries again: the
+service keeps serving what it has. An exception from the callback ends the follower, and
+with it the service (exit 1), so that its supervisor restarts it from committed state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Collection
+
+from kafka.errors import KafkaError
+
+from rlhf.events.v1 import events_pb2
+
+from .bus import Consumer
+from .config import BusConfig
+from .loops import BackgroundLoop
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class WeightsFollower(BackgroundLoop):
+    def __init__(self, bus: BusConfig, model_names: Collection[str],
+                 on_update: Callable[[events_pb2.WeightUpdate], None], client_id: str,
+                 fetch_max_wait_ms: int = 500, retry_s: float = 5.0):
+        super().__init__(f"{client_id}-follower")
+        if not model_names:
+            raise ValueError("a weights follower needs at least one model name")
+        self.bus, self.model_names, self.on_update = bus, frozenset(model_names), on_update
+        self.client_id, self.fetch_max_wait_ms, self.retry_s = client_id, fetch_max_wait_ms, retry_s
+        # Set once the updates already on the topic have been handed over (a poll came back
+        # empty), so a caller can tell catching up from live updates.
+        self.caught_up = threading.Event()
+
+    def _connect(self) -> Consumer | None:
+        topic = Topics(self.bus.topic_prefix).weights
+        try:
+            return Consumer(self.bus, topic, events_pb2.WeightUpdate, group_id=None, client_id=self.client_id,
+                            fetch_max_wait_ms=self.fetch_max_wait_ms)
+        except (KafkaError, ConnectionError) as e:
+            log.warning("cannot read %s at %s (%s); retrying in %.0fs", topic, self.bus.bootstrap, e, self.retry_s)
+            return None
+
+    def loop_body(self) -> None:
+        while not self.stopping.is_set():
+            c = self._connect()
+            if c is None:
+                self.stopping.wait(self.retry_s)
+                continue
+            try:
+                while not self.stopping.is_set():
+                    got = False
+                    for rec in c.poll(timeout_ms=200):
+                        got = True
+                        if rec.record.model_name in self.model_names:
+                            self.on_update(rec.record)
+                    if not got:
+                        self.caught_up.set()
+            finally:
+                c.close()
