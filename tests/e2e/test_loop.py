@@ -185,8 +185,9 @@ def test_heldout_evaluation_reported(loop_run):
     assert metric_value(text, "rlhf_trainer_eval_kl_nats") == pytest.approx(e.kl)
 
 
-def test_zz_trainer_killed_and_restarted_continues_exactly(loop_run):
-    """Runs last: it changes the shared stack. kill -9 the trainer when idle and again in the
+@pytest.mark.last
+def test_trainer_killed_and_restarted_continues_exactly(loop_run):
+    """Marked `last` (run after the module's other tests): it changes the shared stack. kill -9 the trainer when idle and again in the
     middle of training, restart it each time; nothing may be lost or trained twice."""
     st, _, status, _, policy = loop_run
     assert st.kill("trainer") == -9

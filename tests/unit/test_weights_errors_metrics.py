@@ -5,9 +5,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from rlhf_common import errors
-from rlhf_trainer.metrics import TrainerMetrics
+from rlhf_common import errors, fsutil
+from rlhf_common.fsutil import publish_dir
 from rlhf_common.weights import WeightStore, digest, local_path, verify
+from rlhf_trainer.metrics import TrainerMetrics
 
 
 class _Tiny(torch.nn.Module):
@@ -90,5 +91,63 @@ def test_trainer_metrics_use_injected_registry():
     assert reg.get_sample_value("rlhf_trainer_rollouts_consumed_total") == 3
     assert reg.get_sample_value("rlhf_trainer_rollout_version_lag_bucket", {"le": "1.0"}) == 1
     assert reg.get_sample_value("rlhf_trainer_phase_seconds_count", {"phase": "training"}) == 1
-    # a second registry is independent
-    assert CollectorRegistry().get_sample_value("rlhf_trainer_rollouts_consumed_total") is None
+    # the metrics live in the given registry: registering them there again collides, while a
+    # second registry gets its own, independent ones
+    with pytest.raises(ValueError, match="Duplicated"):
+        TrainerMetrics(reg)
+    other = CollectorRegistry()
+    TrainerMetrics(other).rollouts.inc()
+    assert other.get_sample_value("rlhf_trainer_rollouts_consumed_total") == 1
+    assert reg.get_sample_value("rlhf_trainer_rollouts_consumed_total") == 3
+
+
+def test_publishing_over_an_existing_folder_swaps_it_atomically(tmp_path):
+    final = tmp_path / "v00000001"
+    final.mkdir()
+    (final / "a.txt").write_text("old")
+    tmp = tmp_path / "v00000001.tmp"
+    tmp.mkdir()
+    (tmp / "a.txt").write_text("new")
+    assert fsutil._exchange(tmp_path / "missing-a", tmp_path / "missing-b") is False  # errors are reported
+    publish_dir(tmp, final)
+    assert (final / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v00000001"]
+
+
+def test_a_crash_while_publishing_never_loses_the_old_folder(tmp_path, monkeypatch):
+    """Where folders cannot be swapped, the old one is renamed aside first: a crash before the
+    new one is in place leaves the old contents on disk instead of deleting them."""
+    final, tmp = tmp_path / "step-00000003", tmp_path / "step-00000003.tmp"
+    for d, text in ((final, "old"), (tmp, "new")):
+        d.mkdir()
+        (d / "state.pt").write_text(text)
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
+    real_replace = fsutil.os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="crash"):
+        publish_dir(tmp, final)
+    kept = [p for p in tmp_path.iterdir() if (p / "state.pt").exists() and (p / "state.pt").read_text() == "old"]
+    assert kept and kept[0].name.startswith("step-00000003.old-")
+    monkeypatch.setattr(fsutil.os, "replace", real_replace)
+    publish_dir(tmp, final)  # the next try completes
+    assert (final / "state.pt").read_text() == "new"
+
+
+def test_store_save_over_an_existing_version_keeps_a_complete_folder(tmp_path):
+    model = _Tiny()
+    store = WeightStore(tmp_path / "store")
+    first = store.save(model, None, "policy", 1, step=1)
+    with torch.no_grad():
+        model.w.add_(1.0)
+    second = store.save(model, None, "policy", 1, step=2)
+    assert second.sha256 != first.sha256
+    assert store.load_manifest("policy", 1).step == 2 and digest(second.path) == second.sha256
+    assert [p.name for p in (tmp_path / "store" / "policy").iterdir()] == ["v00000001"]
