@@ -121,6 +121,7 @@ class Consumer(Generic[M]):
         from_beginning: bool = True,
         dedup_window: int = 100_000,
         fetch_max_wait_ms: int = 500,
+        connect_timeout_s: float = 30.0,
     ):
         self.topic = topic
         self.record_type = record_type
@@ -137,8 +138,9 @@ class Consumer(Generic[M]):
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
             fetch_max_wait_ms=fetch_max_wait_ms,
+            bootstrap_timeout_ms=int(connect_timeout_s * 1000),
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + connect_timeout_s
         parts = self._c.partitions_for_topic(topic)
         while not parts:
             if time.monotonic() > deadline:

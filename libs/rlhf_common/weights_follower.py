@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 class WeightsFollower(BackgroundLoop):
     def __init__(self, bus: BusConfig, model_names: Collection[str],
                  on_update: Callable[[events_pb2.WeightUpdate], None], client_id: str,
-                 fetch_max_wait_ms: int = 500, retry_s: float = 5.0):
+                 fetch_max_wait_ms: int = 500, retry_s: float = 5.0, connect_timeout_s: float = 5.0):
         super().__init__(f"{client_id}-follower")
         if not model_names:
             raise ValueError("a weights follower needs at least one model name")
         self.bus, self.model_names, self.on_update = bus, frozenset(model_names), on_update
         self.client_id, self.fetch_max_wait_ms, self.retry_s = client_id, fetch_max_wait_ms, retry_s
+        # Short, so that a stop is noticed soon while the broker is away.
+        self.connect_timeout_s = connect_timeout_s
         # Set once the updates already on the topic have been handed over (a poll came back
         # empty), so a caller can tell catching up from live updates.
         self.caught_up = threading.Event()
@@ -43,7 +45,7 @@ class WeightsFollower(BackgroundLoop):
         topic = Topics(self.bus.topic_prefix).weights
         try:
             return Consumer(self.bus, topic, events_pb2.WeightUpdate, group_id=None, client_id=self.client_id,
-                            fetch_max_wait_ms=self.fetch_max_wait_ms)
+                            fetch_max_wait_ms=self.fetch_max_wait_ms, connect_timeout_s=self.connect_timeout_s)
         except (KafkaError, ConnectionError) as e:
             log.warning("cannot read %s at %s (%s); retrying in %.0fs", topic, self.bus.bootstrap, e, self.retry_s)
             return None

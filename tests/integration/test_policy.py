@@ -165,6 +165,9 @@ def test_chat_messages_use_the_chat_template(policy_stack):
     (policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="robot", content="y")]), "role='robot'"),
     (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(stop=[""])), "stop="),
     (policy_pb2.GenerateRequest(prompt="cat " * 600), "exceed the context length 512"),
+    # top_p outside (0, 1] reaches the engine's check instead of being rewritten to 1.0
+    (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(top_p=1.5)), "top_p=1.5"),
+    (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(top_p=-0.5)), "top_p=-0.5"),
 ])
 def test_bad_requests_are_invalid_argument(policy_stack, request_, needle):
     _, stub = policy_stack

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from prometheus_client import CollectorRegistry
 
 from rlhf_devstack.models import make_tiny_llama
 from rlhf_trainer.checkpoint import CheckpointStore, TrainerState
 from rlhf_trainer.learner import LearnerConfig, PolicyLearner, RolloutBatch
+from rlhf_trainer.metrics import TrainerMetrics
 
 
 def _batch() -> RolloutBatch:
@@ -58,3 +64,27 @@ def test_store_keeps_newest_and_ignores_partial(tmp_path):
     (tmp_path / "step-00000009.tmp-1").mkdir()  # a crash mid-save leaves only a temp folder
     assert store.steps() == [2, 3]
     assert store.latest().step == 3
+
+
+class _Payload:
+    """Anything but tensors and plain containers: loading it would run arbitrary code."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path / "state")
+    folder = store.folder(1)
+    folder.mkdir(parents=True)
+    torch.save({"step": 1, "payload": _Payload()}, folder / "state.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        store.latest()
+
+
+def test_kl_metrics_name_the_configured_estimator():
+    reg = CollectorRegistry()
+    TrainerMetrics(reg, kl_estimator="k1")
+    helps = {m.name: m.documentation for m in reg.collect()}
+    assert "k1 estimator" in helps["rlhf_trainer_kl_nats"] and "k1 estimator" in helps["rlhf_trainer_eval_kl_nats"]
+    assert "k3" not in helps["rlhf_trainer_kl_nats"]

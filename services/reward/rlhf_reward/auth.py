@@ -55,9 +55,18 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         except Unauthenticated as exc:
             err = exc
 
-            async def deny(request, context):
+            async def deny(request_or_iterator, context):
                 raise err
 
-            return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
-                                                       response_serializer=handler.response_serializer)
+            async def deny_stream(request_or_iterator, context):
+                raise err
+                yield  # an async generator, for methods with streamed responses
+
+            kinds = ((handler.unary_unary, deny, grpc.unary_unary_rpc_method_handler),
+                     (handler.unary_stream, deny_stream, grpc.unary_stream_rpc_method_handler),
+                     (handler.stream_unary, deny, grpc.stream_unary_rpc_method_handler),
+                     (handler.stream_stream, deny_stream, grpc.stream_stream_rpc_method_handler))
+            make, fn = next((mk, fn) for inner, fn, mk in kinds if inner is not None)
+            return make(fn, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
         return handler
