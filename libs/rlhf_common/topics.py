@@ -30,11 +30,15 @@ class Topics:
         return f"{self.prefix}.feedback"
 
     @property
+    def labels(self) -> str:
+        return f"{self.prefix}.labels"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
 
     def all(self) -> list[str]:
-        return [self.prompts, self.rollouts, self.weights, self.generations, self.feedback, self.dlq]
+        return [self.prompts, self.rollouts, self.weights, self.generations, self.feedback, self.labels, self.dlq]
 
     def compacted(self) -> set[str]:
         return {self.weights}
