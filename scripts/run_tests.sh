@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 # Unused imports, undefined names and the like fail the run before any test does.
-"$PY" -m pyflakes libs/rlhf_common libs/rlhf_devstack libs/rlhf_jobs services bench scripts tests
+"$PY" -m pyflakes libs/rlhf_common libs/rlhf_http libs/rlhf_devstack libs/rlhf_jobs services bench scripts tests
 # The layers (pyproject.toml [tool.importlinter]): the library imports no service, no service
 # imports another, and the dev stack and the jobs are imported by no service.
 "$(dirname "$PY")/lint-imports" --no-cache

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from google.protobuf.message import Message
@@ -64,3 +68,30 @@ def run_until_steps(st, steps: int, timeout_s: float = 300.0):
            and time.monotonic() < deadline):
         time.sleep(0.2)
     return status, trainer, policy
+
+
+def start_service(module: str, cfg, log_path: Path, bus: BusConfig | None = None) -> subprocess.Popen:
+    """Start `python -m <module>` with the config's env vars; return once gRPC health says
+    SERVING and, for a service with a REST port, /healthz answers."""
+    import httpx
+
+    from rlhf_devstack.stack import wait_healthy
+
+    env = {**os.environ, **cfg.to_env(), "PYTHONUNBUFFERED": "1"}
+    if bus is not None:
+        env.update(bus.to_env())
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
+    wait_healthy(f"127.0.0.1:{cfg.server.port}", 120, proc, log_path)
+    deadline = time.monotonic() + 30
+    while getattr(cfg, "http_port", 0):  # REST starts before gRPC, so this is normally immediate
+        try:
+            if httpx.get(f"http://127.0.0.1:{cfg.http_port}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise TimeoutError(f"REST on {cfg.http_port} not healthy:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc

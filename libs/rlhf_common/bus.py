@@ -70,27 +70,35 @@ def ensure_topics(cfg: BusConfig, timeout_s: float = 30.0) -> None:
 class Producer:
     """Sends protobuf records; `send` returns once the broker has acknowledged."""
 
-    def __init__(self, cfg: BusConfig, client_id: str):
+    def __init__(self, cfg: BusConfig, client_id: str, timeout_s: float = 30.0):
+        """`timeout_s` bounds how long a send may block or wait for its acknowledgement."""
+        self.timeout_s = timeout_s
+        ms = int(timeout_s * 1000)
         self._p = KafkaProducer(
             bootstrap_servers=cfg.bootstrap,
             client_id=client_id,
             acks="all",
             linger_ms=2,
             retries=5,
+            max_block_ms=ms,
+            request_timeout_ms=max(1000, ms // 2),
+            delivery_timeout_ms=ms,
+            bootstrap_timeout_ms=ms,
         )
 
     def send(self, topic: str, key: str, record: Message, wait: bool = True):
         """With wait=False, returns kafka-python's future (`failed()`, `exception`) without waiting."""
         fut = self._p.send(topic, key=key.encode(), value=record.SerializeToString())
         if wait:
-            fut.get(timeout=30)
+            fut.get(timeout=self.timeout_s)
         return fut
 
-    def flush(self) -> None:
-        self._p.flush()
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued record is acknowledged or failed (at most `timeout_s`)."""
+        self._p.flush(timeout=timeout_s)
 
     def close(self) -> None:
-        self._p.close()
+        self._p.close(timeout=self.timeout_s)
 
 
 @dataclass
@@ -107,7 +115,8 @@ class Consumer(Generic[M]):
 
     `id_of` gives each record's id; records whose id was seen recently are skipped
     (idempotent handling under at-least-once delivery). Call `commit(received)` once
-    the record's effect is durable.
+    the record's effect is durable. `partitions` limits it to some of the topic's partitions
+    (a replica's share); by default it reads all of them.
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class Consumer(Generic[M]):
         dedup_window: int = 100_000,
         fetch_max_wait_ms: int = 500,
         connect_timeout_s: float = 30.0,
+        partitions: list[int] | None = None,
     ):
         self.topic = topic
         self.record_type = record_type
@@ -147,6 +157,11 @@ class Consumer(Generic[M]):
                 raise ConnectionError(f"topic {topic!r} has no partitions on {cfg.bootstrap!r}")
             time.sleep(0.2)
             parts = self._c.partitions_for_topic(topic)
+        if partitions is not None:
+            missing = sorted(set(partitions) - set(parts))
+            if missing:
+                raise ValueError(f"topic {topic!r} has no partitions {missing} (it has {sorted(parts)})")
+            parts = partitions
         self.partitions = [TopicPartition(topic, p) for p in sorted(parts)]
         self._c.assign(self.partitions)
         self._dlq = Producer(cfg, client_id=f"{client_id}-dlq")

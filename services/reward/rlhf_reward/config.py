@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rlhf_common.auth import KEY_RULE, bad_key, parse_keys
 from rlhf_common.config import BaseConfig, ServerConfig, section, setting
 
 
@@ -47,13 +48,9 @@ class RewardConfig(BaseConfig):
         self.check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         self.check(bool(self.model_name), "model_name", "must not be empty")
         self.check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
-        keys = self.api_key_list
-        for i, k in enumerate(keys):
-            # The key itself is never shown, only its position.
-            self.check(len(k) >= 8 and k.isprintable() and " " not in k, "api_keys",
-                       "every key must be at least 8 printable characters without spaces",
-                       shown=f"<key #{i + 1} of {len(keys)}>")
+        bad = bad_key(self.api_key_list)
+        self.check(bad is None, "api_keys", KEY_RULE, shown=bad)
 
     @property
     def api_key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return parse_keys(self.api_keys)

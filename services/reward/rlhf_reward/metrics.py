@@ -4,24 +4,21 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from rlhf_common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, SYNC_BUCKETS, RpcMetrics
+from rlhf_common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, SYNC_BUCKETS, HttpMetrics, RpcMetrics
 
 REWARD_DIFF_BUCKETS = (-4, -2, -1, -0.5, -0.25, -0.1, -0.05, 0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)
 
 
-class RewardMetrics(RpcMetrics):
+class RewardMetrics(RpcMetrics, HttpMetrics):
     """gRPC metrics (from RpcMetrics), REST requests, batching, hot swaps, shadow scoring,
     and the running reward statistics of the live model."""
 
     def __init__(self, registry: CollectorRegistry):
-        super().__init__("rlhf_reward", registry)
+        RpcMetrics.__init__(self, "rlhf_reward", registry)
+        HttpMetrics.__init__(self, "rlhf_reward", registry)
         self.items = Counter("rlhf_reward_scored_items_total", "Items scored", registry=registry)
         self.truncated = Counter("rlhf_reward_truncated_items_total", "Items truncated to the model limit",
                                  registry=registry)
-        self.http_requests = Counter("rlhf_reward_http_requests_total", "REST requests by route and HTTP status",
-                                     ["route", "status"], registry=registry)
-        self.http_latency = Histogram("rlhf_reward_http_request_seconds", "REST request latency", ["route"],
-                                      buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("rlhf_reward_batch_items", "Items per model forward pass (dynamic batching)",
                                     buckets=BATCH_BUCKETS, registry=registry)
         self.batch_seconds = Histogram("rlhf_reward_batch_seconds", "Seconds per model forward pass",

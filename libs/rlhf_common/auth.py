@@ -1,4 +1,5 @@
-"""Bearer-token API keys, checked the same way for REST and gRPC."""
+"""Bearer-token API keys, checked the same way for REST and gRPC, by every service that
+takes them (`RLHF_<SERVICE>_API_KEYS`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,24 @@ import hmac
 
 import grpc
 
-from rlhf_common.errors import Unauthenticated
+from .errors import Unauthenticated
+
+
+def parse_keys(raw: str) -> list[str]:
+    """Comma-separated keys, blanks dropped."""
+    return [k.strip() for k in raw.split(",") if k.strip()]
+
+
+def bad_key(keys: list[str]) -> str | None:
+    """'<key #i of n>' for the first key that is too weak to accept, or None. The key itself
+    is never shown, only its position."""
+    for i, k in enumerate(keys):
+        if not (len(k) >= 8 and k.isprintable() and " " not in k):
+            return f"<key #{i + 1} of {len(keys)}>"
+    return None
+
+
+KEY_RULE = "every key must be at least 8 printable characters without spaces"
 
 
 class ApiKeys:

@@ -1,0 +1,163 @@
+"""Kafka-facing parts of the feedback service.
+
+- FeedbackSender writes accepted items to rlhf.feedback and waits for every acknowledgement.
+- JoinLoop (a background thread) reads rlhf.generations and rlhf.feedback for this
+  replica's partitions, feeds them to the SQLite-backed `Join`, and writes the labels it
+  makes to rlhf.labels and what it refuses to rlhf.dlq.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from rlhf.events.v1 import events_pb2
+from rlhf_common.bus import Consumer, Producer, now_ms
+from rlhf_common.config import BusConfig
+from rlhf_common.errors import NotReady
+from rlhf_common.loops import BackgroundLoop
+from rlhf_common.topics import Topics
+
+from .config import FeedbackConfig
+from .join import Batch, Incoming, Join
+from .metrics import FeedbackMetrics
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackSender:
+    """Blocking: called from a worker thread by the core.
+
+    After a failed send the producer is rebuilt before the next one: a producer that lost
+    its broker can be left in a state it does not leave by itself (for example when the
+    broker came back without its producer ids), and a fresh one reconnects cleanly.
+    """
+
+    def __init__(self, bus: BusConfig, timeout_s: float):
+        self.bus, self.timeout_s = bus, timeout_s
+        self.topic = Topics(bus.topic_prefix).feedback
+        self.producer: Producer | None = self._connect()
+
+    def _connect(self) -> Producer:
+        return Producer(self.bus, client_id="feedback-gateway", timeout_s=self.timeout_s)
+
+    def __call__(self, records: list[events_pb2.Feedback]) -> None:
+        """Return once the broker has acknowledged every record (acks from all in-sync
+        replicas); raise NotReady otherwise."""
+        try:
+            if self.producer is None:
+                self.producer = self._connect()
+            futures = [self.producer.send(self.topic, r.generation_id, r, wait=False) for r in records]
+            self.producer.flush(self.timeout_s)
+            failed = next((f.exception or TimeoutError("not acknowledged") for f in futures
+                           if f.failed() or not f.is_done), None)
+        except Exception as e:  # the producer could not even queue them (broker away)
+            failed = e
+        if failed is not None:
+            log.warning("broker at %s did not take %d feedback records: %s", self.bus.bootstrap, len(records), failed)
+            self.close()
+            raise NotReady(f"the broker did not acknowledge the feedback ({type(failed).__name__}); nothing was "
+                           "accepted: retry with the same feedback ids")
+
+    def close(self) -> None:
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            try:
+                producer.close()
+            except Exception as e:  # closing a producer that lost its broker may fail; it is dropped anyway
+                log.warning("closing the feedback producer: %s", e)
+
+class JoinLoop(BackgroundLoop):
+    """Feeds this replica's partitions of rlhf.generations and rlhf.feedback to the join.
+
+    Both topics are keyed by generation id with the same partition count, so a replica that
+    owns partition p of both sees every generation and every feedback item of that
+    partition. Restart-safe without consumer groups: the next offsets are stored in the
+    join's database in the same transaction as the state they produced; on start the
+    consumers seek to them, and labels staged but not yet acknowledged are sent again
+    (their ids derive from the feedback ids, so a repeat is recognisable downstream).
+    """
+
+    def __init__(self, cfg: FeedbackConfig, bus: BusConfig, metrics: FeedbackMetrics, expire_every_s: float = 1.0):
+        super().__init__("feedback-join")
+        self.cfg, self.bus, self.metrics = cfg, bus, metrics
+        self.expire_every_s = expire_every_s
+        self.topics = Topics(bus.topic_prefix)
+        parts = cfg.partition_list
+        name = "all" if not parts else "-".join(map(str, parts))
+        self.db_path = Path(cfg.state_dir) / f"join-{name}.sqlite"
+        # What /v1/feedback/stats shows for the join: replaced after every batch, read from
+        # other threads without touching the database.
+        self.latest_stats: dict[tuple[str, str], int] = {}
+        self.ready = threading.Event()
+        self.unsent = 0  # labels of the last send the broker did not acknowledge
+
+    def loop_body(self) -> None:
+        join = Join(self.db_path, wait_s=self.cfg.wait_s, retention_s=self.cfg.retention_s,
+                    max_generations=self.cfg.max_generations)
+        parts = self.cfg.partition_list or None
+        gens = Consumer(self.bus, self.topics.generations, events_pb2.Generation, group_id=None,
+                        client_id="feedback-join-generations", partitions=parts)
+        fbs = Consumer(self.bus, self.topics.feedback, events_pb2.Feedback, group_id=None,
+                       client_id="feedback-join-feedback", partitions=parts)
+        out = Producer(self.bus, client_id="feedback-join")
+        try:
+            stored = join.offsets()
+            for kind, consumer in (("generation", gens), ("feedback", fbs)):
+                consumer.seek({p: o for (k, p), o in stored.items() if k == kind})
+            self._send(join, out, join.outbox(), [])
+            self._publish_stats(join)
+            self.ready.set()
+            last_expire = 0.0
+            while not self.stopping.is_set():
+                items = [Incoming("generation", r.partition, r.offset, r.record) for r in gens.poll(timeout_ms=100)]
+                items += [Incoming("feedback", r.partition, r.offset, r.record) for r in fbs.poll(timeout_ms=100)]
+                if items:
+                    self._handle(join, out, join.process(items))
+                    self.metrics.generations.inc(sum(i.kind == "generation" for i in items))
+                if time.monotonic() - last_expire >= self.expire_every_s:
+                    if self.unsent:
+                        self._send(join, out, join.outbox(), [])
+                    self._handle(join, out, join.expire())
+                    last_expire = time.monotonic()
+        finally:
+            gens.close()
+            fbs.close()
+            out.close()
+            join.close()
+
+    def _handle(self, join: Join, out: Producer, batch: Batch) -> None:
+        self._send(join, out, batch.labels, batch.dead)
+        for (kind, outcome), n in batch.counts.items():
+            if n and outcome != "waiting":
+                self.metrics.joined.labels(kind, outcome).inc(n)
+        if batch.counts or batch.labels or batch.dead:
+            self._publish_stats(join)
+
+    def _send(self, join: Join, out: Producer, labels: list[events_pb2.Label],
+              dead: list[tuple[events_pb2.Feedback, str, str]]) -> None:
+        """Labels and dead letters to the broker. A label leaves the outbox only once the
+        broker has acknowledged it; the others are sent again at the next expiry tick."""
+        if not labels and not dead:
+            return
+        sent = [(label.label_id, out.send(self.topics.labels, label.label_id, label, wait=False)) for label in labels]
+        for fb, outcome, reason in dead:
+            log.warning("dead-lettering feedback %s (%s): %s", fb.feedback_id, outcome, reason)
+            out.send(self.topics.dlq, fb.generation_id, events_pb2.DeadLetter(
+                topic=self.topics.feedback, partition=-1, offset=-1, key=fb.generation_id.encode(),
+                value=fb.SerializeToString(), error=f"{outcome}: {reason}", consumer="feedback-join",
+                created_unix_ms=now_ms()), wait=False)
+        try:
+            out.flush(out.timeout_s)
+        except Exception as e:  # the broker is away: what was not acknowledged stays in the outbox
+            log.warning("labels not acknowledged yet (%s); they stay in the outbox", e)
+        acked = [i for i, f in sent if f.is_done and not f.failed()]
+        join.mark_sent(acked)
+        self.unsent = len(sent) - len(acked)
+        self.metrics.labels.inc(len(acked))
+
+    def _publish_stats(self, join: Join) -> None:
+        self.latest_stats = join.stats()
+        self.metrics.waiting.set(join.waiting())
