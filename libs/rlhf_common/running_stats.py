@@ -53,6 +53,14 @@ class RunningStats:
         with self._lock:
             self._n, self._mean, self._m2 = 0, 0.0, 0.0
 
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {"n": self._n, "mean": self._mean, "m2": self._m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            self._n, self._mean, self._m2 = int(state["n"]), float(state["mean"]), float(state["m2"])
+
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             std = math.sqrt(self._m2 / (self._n - 1)) if self._n > 1 else 0.0

@@ -1,6 +1,6 @@
 """`make demo`: the local stack doing online RLHF on a tiny model for about a minute.
 
-Starts the broker and the four services, streams prompts into rlhf.prompts, and prints
+Starts the broker and the services, streams prompts into rlhf.prompts, and prints
 one line per trainer step: the published version, the version the policy serves, the
 batch's mean reward and KL to the reference, and the policy lag of the consumed rollouts.
 """

@@ -1,4 +1,4 @@
-"""The local stack: the broker and the four services as processes on loopback ports.
+"""The local stack: the broker and the services as processes on loopback ports.
 
 Used by `make up` / `make down`, by `make demo`, and by the integration and e2e tests.
 
@@ -27,15 +27,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlhf_common.bus import Producer, now_ms
 from rlhf_common.config import BusConfig
 from rlhf_common.topics import Topics
+from rlhf_feedback.config import FeedbackConfig
 from rlhf_policy.config import PolicyConfig
 from rlhf_reference.config import ReferenceConfig
 from rlhf_reward.config import RewardConfig
+from rlhf_reward_learner.config import RewardLearnerConfig
 from rlhf_trainer.config import TrainerConfig
 
 from .devbroker import DevBroker
 
-SERVICES = ("reward", "reference", "trainer", "policy")
-CONFIGS = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig, "trainer": TrainerConfig}
+SERVICES = ("reward", "reference", "trainer", "feedback", "reward_learner", "policy")
+CONFIGS = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig, "trainer": TrainerConfig,
+           "feedback": FeedbackConfig, "reward_learner": RewardLearnerConfig}
 
 
 def free_port() -> int:
@@ -143,6 +146,11 @@ class Stack:
                 lora_rank=s.lora_rank,
                 eval_prompts=str(s.eval_prompts or ""), eval_every=s.eval_every if s.eval_prompts else 0,
             ),
+            "feedback": FeedbackConfig(server=server("feedback"), state_dir=str(s.run_dir / "feedback"),
+                                       http_port=FeedbackConfig.default_of("http_port") if s.default_ports
+                                       else free_port()),
+            "reward_learner": RewardLearnerConfig(server=server("reward_learner"), model=str(s.reward_model),
+                                                  weight_store=str(s.run_dir / "weights")),
             "policy": PolicyConfig(
                 model=str(s.policy_model), server=server("policy"),
                 rollout_n=s.rollout_n, max_tokens=s.max_tokens, max_groups_ahead=s.max_groups_ahead,
@@ -156,7 +164,7 @@ class Stack:
             for name in s.services:
                 wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
                 if verbose:
-                    print(f"  {name:<9} ready at {self.addrs[name]} after {time.monotonic() - t0:.0f}s", flush=True)
+                    print(f"  {name:<14} ready at {self.addrs[name]} after {time.monotonic() - t0:.0f}s", flush=True)
         except BaseException:
             self.stop()
             raise
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     st = Stack(StackSpec(run_dir=args.run_dir, default_ports=True)).start(detach=True, verbose=True)
     print(f"kafka     {st.bus.bootstrap}")
     for n in SERVICES:
-        print(f"{n:<9} grpc {st.addrs[n]}  metrics http://127.0.0.1:{st.metrics_ports[n]}/metrics")
+        print(f"{n:<14} grpc {st.addrs[n]}  metrics http://127.0.0.1:{st.metrics_ports[n]}/metrics")
     print(f"logs in {args.run_dir}/*.log; send prompts with `make seed`; stop with `make down`")
 
 

@@ -42,7 +42,8 @@ def _cfg(tmp, **kw) -> FeedbackConfig:
 def service(broker, tmp_path_factory):
     bus = BusConfig(bootstrap=broker.bootstrap, topic_prefix="fbsvc")
     ensure_topics(bus)
-    cfg = _cfg(tmp_path_factory.mktemp("feedback"), wait_s=3.0, api_keys=KEY)
+    cfg = _cfg(tmp_path_factory.mktemp("feedback"), wait_s=3.0, api_keys=KEY, prompt_sample_rate=1.0,
+               prompt_filter="tests.integration.prompt_filters:no_passwords")
     proc = start_service("rlhf_feedback", cfg, tmp_path_factory.mktemp("logs") / "feedback.log", bus)
     yield cfg, bus
     proc.terminate()
@@ -201,6 +202,21 @@ def test_feedback_before_its_generation_waits_and_one_without_is_dead_lettered(s
     assert len(dead) == 1 and dead[0].error.startswith("orphan: ") and "never-served" in dead[0].error
     assert label_id(orphan) not in {x.label_id for x in labels}
     assert _stats(cfg)[("thumb", "orphan")] >= 1
+
+
+def test_served_prompts_feed_the_rl_loop_once_per_request_through_the_filter(service):
+    cfg, bus = service
+    a1, a2 = _generation("What is 2+2?", "4", 1), _generation("What is 2+2?", "Four.", 1)
+    a2.request_id = a1.request_id  # two answers (n=2) of one request
+    secret = _generation("My password is hunter2, is it strong?", "No.", 1)
+    _serve(bus, [a1, a2, secret])
+    prompts = read_topic(bus, Topics("fbsvc").prompts, events_pb2.Prompt,
+                         until=lambda ps: any(p.text == "What is 2+2?" for p in ps))
+    time.sleep(1.5)  # anything else would have arrived by now
+    prompts = read_topic(bus, Topics("fbsvc").prompts, events_pb2.Prompt, until=lambda ps: False, timeout_s=2)
+    mine = [p for p in prompts if p.text in ("What is 2+2?", secret.prompt)]
+    assert [(p.text, p.source) for p in mine] == [("What is 2+2?", "production")]
+    assert mine[0].prompt_id.startswith("prod-")
 
 
 def test_docs_page_needs_no_internet(service):

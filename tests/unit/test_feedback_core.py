@@ -9,6 +9,7 @@ from rlhf_common.config import ConfigError
 from rlhf_common.errors import InvalidInput
 from rlhf_feedback.config import FeedbackConfig
 from rlhf_feedback.core import AcceptedStore, FeedbackItem, to_record, validate
+from rlhf_feedback.prompts import load_filter, production_prompt, sampled
 
 
 def _item(**kw) -> FeedbackItem:
@@ -75,3 +76,26 @@ def test_config_checks_partitions_and_windows():
     with pytest.raises(ConfigError, match="RLHF_FEEDBACK_RETENTION_S=10: must be >= RLHF_FEEDBACK_WAIT_S=60"):
         FeedbackConfig(state_dir="/s", wait_s=60, retention_s=10)
     assert FeedbackConfig(state_dir="/s", join_partitions="2, 0").partition_list == [0, 2]
+
+
+def test_prompt_sampling_is_per_request_deterministic_and_near_the_rate():
+    ids = [f"req-{i}" for i in range(20_000)]
+    share = sum(sampled(i, 0.25) for i in ids) / len(ids)
+    assert 0.24 < share < 0.26
+    assert [sampled(i, 0.25) for i in ids[:50]] == [sampled(i, 0.25) for i in ids[:50]]
+    assert not any(sampled(i, 0.0) for i in ids[:100]) and all(sampled(i, 1.0) for i in ids[:100])
+
+
+def test_production_prompts_pass_the_filter_and_limits():
+    g = events_pb2.Generation(generation_id="g1", request_id="r1", prompt="How do I boil an egg?")
+    p, outcome = production_prompt(g, 1.0, None, 100, 5)
+    assert outcome == "sampled" and p.text == g.prompt and p.source == "production" and p.created_unix_ms == 5
+    assert production_prompt(events_pb2.Generation(generation_id="g2", request_id="r1", prompt=g.prompt), 1.0, None,
+                             100, 5)[0].prompt_id == p.prompt_id  # one prompt per request
+    assert production_prompt(g, 1.0, lambda text: "egg" not in text, 100, 5) == (None, "filtered")
+    assert production_prompt(g, 1.0, None, 10, 5) == (None, "filtered")
+    assert load_filter("tests.integration.prompt_filters:no_passwords")("my PASSWORD") is False
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_filter("tests.integration.prompt_filters:nope")
+    with pytest.raises(ConfigError, match="RLHF_FEEDBACK_PROMPT_FILTER='no_colon': cannot be loaded"):
+        FeedbackConfig(state_dir="/s", prompt_filter="no_colon")

@@ -19,11 +19,11 @@ def _names(reqs: list[str]) -> set[str]:
 
 
 def test_every_service_has_its_own_extra():
-    assert SERVICES == ["feedback", "policy", "reference", "reward", "trainer"]
+    assert SERVICES == ["feedback", "policy", "reference", "reward", "reward_learner", "trainer"]
     assert set(SERVICES) <= set(EXTRAS)
 
 
-@pytest.mark.parametrize("service", ["reward", "reference", "trainer", "feedback"])
+@pytest.mark.parametrize("service", ["reward", "reference", "trainer", "feedback", "reward_learner"])
 def test_services_other_than_the_policy_declare_no_vllm(service):
     declared = _names(PROJECT["dependencies"]) | _names(EXTRAS[service])
     assert not {n for n in declared if n.startswith("vllm")}, declared

@@ -14,6 +14,7 @@ from rlhf_devstack.models import make_tiny_llama
 from rlhf_trainer.checkpoint import CheckpointStore, TrainerState
 from rlhf_trainer.learner import LearnerConfig, PolicyLearner, RolloutBatch
 from rlhf_trainer.metrics import TrainerMetrics
+from rlhf_trainer.rewards import RewardWhitener
 
 
 def _batch() -> RolloutBatch:
@@ -88,3 +89,19 @@ def test_kl_metrics_name_the_configured_estimator():
     helps = {m.name: m.documentation for m in reg.collect()}
     assert "k1 estimator" in helps["rlhf_trainer_kl_nats"] and "k1 estimator" in helps["rlhf_trainer_eval_kl_nats"]
     assert "k3" not in helps["rlhf_trainer_kl_nats"]
+
+
+def test_rewards_are_whitened_per_reward_version_and_the_state_survives_a_checkpoint(tmp_path):
+    w = RewardWhitener()
+    assert w([1.0], "v1") == [0.0]  # one score: no scale yet
+    out = w([2.0, 3.0], "v1")
+    assert out == pytest.approx([0.0, 1.0], abs=1e-5)  # mean 2, std 1 over {1, 2, 3}
+    # a new reward version on another scale starts its statistics afresh
+    assert w([100.0, 300.0], "v2") == pytest.approx([-0.7071, 0.7071], abs=1e-3) and w.resets == 1
+    store = CheckpointStore(tmp_path / "state")
+    store.save(TrainerState(step=1, version=1, weights_path="", weights_sha256="", groups_consumed=0,
+                            rollouts_consumed=0, offsets={}, trained_ids=[], learner={},
+                            torch_rng=torch.get_rng_state(), extra={"whitener": w.state_dict()}))
+    back = RewardWhitener()
+    back.load_state_dict(store.latest().extra["whitener"])
+    assert back([200.0], "v2") == w([200.0], "v2") and back.resets == 1

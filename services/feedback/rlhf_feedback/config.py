@@ -8,6 +8,8 @@ from typing import ClassVar
 from rlhf_common.auth import KEY_RULE, bad_key, parse_keys
 from rlhf_common.config import BaseConfig, ServerConfig, section, setting
 
+from .prompts import load_filter
+
 
 @dataclass
 class FeedbackConfig(BaseConfig):
@@ -37,6 +39,13 @@ class FeedbackConfig(BaseConfig):
                                  "How long served answers are kept for joining late feedback")
     max_generations: int = setting(1_000_000, "MAX_GENERATIONS",
                                    "Most served answers kept for joining; the oldest go first")
+    prompt_sample_rate: float = setting(0.0, "PROMPT_SAMPLE_RATE",
+                                        "Share of served requests whose prompt goes to rlhf.prompts for RL rollouts "
+                                        "(0 = none, 1 = all); decided per request id")
+    prompt_filter: str = setting("", "PROMPT_FILTER",
+                                 "Optional 'module:function' that gets a sampled prompt's text and returns whether "
+                                 "it may be trained on")
+    prompt_max_chars: int = setting(4000, "PROMPT_MAX_CHARS", "Longer sampled prompts are left out")
 
     def validate(self) -> None:
         self.check(bool(self.state_dir), "state_dir", "must name a directory")
@@ -54,6 +63,14 @@ class FeedbackConfig(BaseConfig):
             parts = None
         self.check(parts is not None and all(p >= 0 for p in parts), "join_partitions",
                    "must be empty or comma-separated partition numbers")
+        self.check(0 <= self.prompt_sample_rate <= 1, "prompt_sample_rate", "must be in [0, 1]")
+        self.check(self.prompt_max_chars >= 1, "prompt_max_chars", "must be >= 1")
+        try:
+            load_filter(self.prompt_filter)
+            filter_error = ""
+        except (ImportError, ValueError) as e:
+            filter_error = str(e)
+        self.check(not filter_error, "prompt_filter", f"cannot be loaded: {filter_error}")
         bad = bad_key(self.api_key_list)
         self.check(bad is None, "api_keys", KEY_RULE, shown=bad)
 

@@ -20,5 +20,8 @@ class FeedbackMetrics(RpcMetrics, HttpMetrics):
         self.waiting = Gauge("rlhf_feedback_join_waiting", "Feedback records waiting for their generation",
                              registry=registry)
         self.labels = Counter("rlhf_feedback_labels_total", "Labels written to rlhf.labels", registry=registry)
+        self.prompts = Counter("rlhf_feedback_prompts_total",
+                               "Served prompts considered for rlhf.prompts, by outcome (sampled, unsampled, filtered)",
+                               ["outcome"], registry=registry)
         self.generations = Counter("rlhf_feedback_generations_total", "Served answers read from rlhf.generations",
                                    registry=registry)

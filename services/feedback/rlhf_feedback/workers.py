@@ -23,6 +23,7 @@ from rlhf_common.topics import Topics
 from .config import FeedbackConfig
 from .join import Batch, Incoming, Join
 from .metrics import FeedbackMetrics
+from .prompts import load_filter, production_prompt
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class JoinLoop(BackgroundLoop):
         # other threads without touching the database.
         self.latest_stats: dict[tuple[str, str], int] = {}
         self.ready = threading.Event()
+        self.keep_prompt = load_filter(cfg.prompt_filter)
         self.unsent = 0  # labels of the last send the broker did not acknowledge
 
     def loop_body(self) -> None:
@@ -116,7 +118,7 @@ class JoinLoop(BackgroundLoop):
                 items += [Incoming("feedback", r.partition, r.offset, r.record) for r in fbs.poll(timeout_ms=100)]
                 if items:
                     self._handle(join, out, join.process(items))
-                    self.metrics.generations.inc(sum(i.kind == "generation" for i in items))
+                    self._sample_prompts(out, [i.record for i in items if i.kind == "generation"])
                 if time.monotonic() - last_expire >= self.expire_every_s:
                     if self.unsent:
                         self._send(join, out, join.outbox(), [])
@@ -157,6 +159,25 @@ class JoinLoop(BackgroundLoop):
         join.mark_sent(acked)
         self.unsent = len(sent) - len(acked)
         self.metrics.labels.inc(len(acked))
+
+    def _sample_prompts(self, out: Producer, gens: list[events_pb2.Generation]) -> None:
+        """A share of served prompts to rlhf.prompts (at least once; the rollout worker dedups by id)."""
+        self.metrics.generations.inc(len(gens))
+        if not self.cfg.prompt_sample_rate:
+            return
+        chosen: dict[str, events_pb2.Prompt] = {}
+        for g in gens:
+            prompt, outcome = production_prompt(g, self.cfg.prompt_sample_rate, self.keep_prompt,
+                                                self.cfg.prompt_max_chars, now_ms())
+            if prompt is not None:
+                if prompt.prompt_id in chosen:
+                    continue  # another answer of the same request
+                chosen[prompt.prompt_id] = prompt
+            self.metrics.prompts.labels(outcome).inc()
+        for prompt in chosen.values():
+            out.send(self.topics.prompts, prompt.prompt_id, prompt, wait=False)
+        if chosen:
+            out.flush(out.timeout_s)
 
     def _publish_stats(self, join: Join) -> None:
         self.latest_stats = join.stats()

@@ -26,6 +26,10 @@ class TrainerConfig(BaseConfig):
                              f"Policy optimisation, a registered algorithm: {', '.join(ALGORITHMS.names())} "
                              "(ppo: value head + GAE)")
     groups_per_step: int = setting(2, "GROUPS_PER_STEP", "Prompt groups per optimisation step")
+    reward_whiten: bool = setting(True, "REWARD_WHITEN",
+                                  "Learn from rewards whitened with running statistics of the reward-model version in "
+                                  "service (restarted when it changes), so a new reward scale does not jolt the "
+                                  "policy; metrics show raw rewards")
     lr: float = setting(1e-4, "LR", "Adam learning rate")
     kl_beta: float = setting(0.05, "KL_BETA", "KL penalty weight (initial value when adaptive)")
     kl_target: float = setting(0.0, "KL_TARGET",

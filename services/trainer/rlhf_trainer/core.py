@@ -34,6 +34,7 @@ from .clients import ReferenceClient, RewardClient
 from .config import TrainerConfig
 from .learner import LearnerConfig, PolicyLearner, RolloutBatch
 from .metrics import TrainerMetrics
+from .rewards import RewardWhitener
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Trainer:
         self.groups_consumed = 0
         self.offsets: dict[int, int] = {}
         self.trained_ids: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        self.whitener = RewardWhitener()
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
         st = self.resumed_from
         self.model = self._load_model(st.weights_path if st else None)
@@ -141,6 +143,8 @@ class Trainer:
             self.groups_consumed, self.rollouts_consumed = st.groups_consumed, st.rollouts_consumed
             self.offsets = dict(st.offsets)
             self.trained_ids.extend(st.trained_ids)
+            if "whitener" in st.extra:
+                self.whitener.load_state_dict(st.extra["whitener"])
             log.info("resumed from step %d (v%d), offsets %s", st.step, st.version, st.offsets)
         newest = self.store.latest(cfg.model_name)
         if newest is not None and newest.version > self.version:
@@ -244,7 +248,8 @@ class Trainer:
         responses = [list(r.response_token_ids) for r in rollouts]
 
         t = time.perf_counter()
-        scores, _ = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
+        scores, reward_version = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
+        learn_scores = self.whitener(scores, reward_version) if self.cfg.reward_whiten else scores
         ref_lps = reference.logprobs(prompts, responses)
         self.metrics.phase_seconds.labels("scoring").observe(time.perf_counter() - t)
 
@@ -252,7 +257,7 @@ class Trainer:
         res = self.learner.step(RolloutBatch(
             prompts=prompts, responses=responses,
             behaviour_logprobs=[list(r.behaviour_logprobs) for r in rollouts],
-            ref_logprobs=ref_lps, scores=scores, group_ids=[r.prompt_id for r in rollouts],
+            ref_logprobs=ref_lps, scores=learn_scores, group_ids=[r.prompt_id for r in rollouts],
         ))
         self.metrics.phase_seconds.labels("training").observe(time.perf_counter() - t)
 
@@ -326,7 +331,7 @@ class Trainer:
             step=self.step, version=version, weights_path=path, weights_sha256=sha256,
             groups_consumed=self.groups_consumed, rollouts_consumed=self.rollouts_consumed,
             offsets=dict(self.offsets), trained_ids=list(self.trained_ids), learner=self.learner.state_dict(),
-            torch_rng=torch.get_rng_state(),
+            torch_rng=torch.get_rng_state(), extra={"whitener": self.whitener.state_dict()},
         )
 
     def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
