@@ -17,6 +17,7 @@ from rlhf_common.bus import Producer, ensure_topics
 from rlhf_common.config import BusConfig
 from rlhf_common.topics import Topics
 from rlhf_reward.config import RewardConfig
+from rlhf_reward.core import RewardModel, ScoreItem
 from rlhf_reward_learner.config import RewardLearnerConfig
 
 from tests.helpers import read_topic, start_service
@@ -33,11 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _labels(n: int) -> list[events_pb2.Label]:
+def _labels(n: int, winners: list[str], losers: list[str]) -> list[events_pb2.Label]:
     rng = random.Random(0)
     out = []
     for i in range(n):
-        good, bad = rng.choice(GOOD), rng.choice(BAD)
+        good, bad = rng.choice(winners), rng.choice(losers)
         a_good = i % 2 == 0
         out.append(events_pb2.Label(
             label_id=f"lbl-{i}", prompt=f"Tell me about thing {i}.", source=events_pb2.LABEL_SOURCE_HUMAN,
@@ -52,8 +53,13 @@ def test_labels_train_a_gated_version_that_the_reward_service_serves(broker, tin
     _, reward_model = tiny_models
     bus = BusConfig(bootstrap=broker.bootstrap, topic_prefix="rlearn")
     ensure_topics(bus)
+    # Users prefer the kind of answer the untrained model scores lower, so that a model that
+    # ranks them right has learned it from the labels.
+    untrained = RewardModel(reward_model, 32).score([ScoreItem("Tell me about thing 1.", GOOD[0]),
+                                                     ScoreItem("Tell me about thing 1.", BAD[0])])
+    winners, losers = (BAD, GOOD) if untrained[0].score > untrained[1].score else (GOOD, BAD)
     p = Producer(bus, client_id="test-join")
-    labels = _labels(160)
+    labels = _labels(160, winners, losers)
     for x in labels + labels[:10]:  # the last ten sent twice, as after a crash of the join
         p.send(Topics("rlearn").labels, x.label_id, x, wait=False)
     p.flush()
@@ -70,7 +76,7 @@ def test_labels_train_a_gated_version_that_the_reward_service_serves(broker, tin
         stub = reward_learner_pb2_grpc.RewardLearnerServiceStub(grpc.insecure_channel(f"127.0.0.1:{lcfg.server.port}"))
         r = stub.Train(reward_learner_pb2.TrainRequest(), timeout=300)
         assert r.published and r.published_version == 1 and r.live_version == 0, r
-        assert r.candidate_accuracy >= r.live_accuracy and r.candidate_accuracy >= 0.9
+        assert r.live_accuracy <= 0.5 and r.candidate_accuracy >= 0.9, r
         assert r.train_pairs + r.heldout_pairs == len(labels) and r.heldout_pairs >= 8
         st = stub.Status(reward_learner_pb2.StatusRequest())
         assert st.version == 1 and st.labels_read == len(labels) and st.last_round.round == r.round
@@ -87,8 +93,8 @@ def test_labels_train_a_gated_version_that_the_reward_service_serves(broker, tin
             assert time.monotonic() < deadline, "the reward service did not swap to the learned version"
             time.sleep(0.3)
         scores = rstub.Score(reward_pb2.ScoreRequest(items=[
-            reward_pb2.ScoreItem(prompt="Tell me about thing 999.", response=GOOD[0]),
-            reward_pb2.ScoreItem(prompt="Tell me about thing 999.", response=BAD[0])]))
+            reward_pb2.ScoreItem(prompt="Tell me about thing 999.", response=winners[1]),
+            reward_pb2.ScoreItem(prompt="Tell me about thing 999.", response=losers[1])]))
         assert scores.results[0].score > scores.results[1].score
         # a restart builds on the published version and reads the labels again
         learner.kill()

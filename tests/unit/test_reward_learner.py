@@ -49,6 +49,7 @@ def test_every_kind_of_label_makes_the_right_examples():
     assert book.points[False] == [Point(p, "liked", 1.0, "t1")]
     assert book.add(_label("t2", p, ["disliked"], thumb=events_pb2.THUMB_DOWN)) == 1
     assert book.pairs[False][-1] == Pair(p, "liked", "disliked", "thumb", ("t1", "t2"))
+    assert book.points[False] == []  # paired now, so no longer a pointwise example
     assert book.add(_label("t3", "Another prompt.", ["meh"], thumb=events_pb2.THUMB_DOWN)) == 1
     assert book.points[False][-1] == Point("Another prompt.", "meh", 0.0, "t3")
 
@@ -93,11 +94,14 @@ def reward_dir(tmp_path_factory):
 
 def test_a_round_learns_the_rule_and_passes_the_gate(reward_dir):
     live = RewardModelState.from_folder(reward_dir)
-    book = _book(120, rule_good_wins=True, seed=0, held_frac=0.25)
+    # the rule users follow is the one the untrained model gets wrong
+    probe = _book(40, rule_good_wins=True, seed=5, held_frac=0.999999).pairs[True]
+    good_wins = accuracy(live.model, live.tokenizer, probe, 32) < 0.5
+    book = _book(120, rule_good_wins=good_wins, seed=0, held_frac=0.25)
     s = TrainSettings(lr=3e-3, epochs=3, batch_pairs=16, min_heldout_pairs=8, max_length=32)
     result, cand = train_round(live, book, s, round_no=1)
     assert result.published and cand is not None, result
-    assert result.candidate_accuracy >= 0.9 and result.candidate_accuracy >= result.live_accuracy
+    assert result.live_accuracy <= 0.5 and result.candidate_accuracy >= 0.9
     assert result.heldout_pairs == len(book.pairs[True]) >= 8 and result.loss_last < result.loss_first
     assert accuracy(cand, live.tokenizer, book.pairs[True], 32) == result.candidate_accuracy
     # the live model itself was not touched

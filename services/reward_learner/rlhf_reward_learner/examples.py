@@ -146,6 +146,8 @@ class ExampleBook:
                 up, down = (new, old) if new.value > old.value else (old, new)
                 self._store(held, Pair(label.prompt, up.response, down.response, "thumb",
                                        (up.label_id, down.label_id)))
+                if old.label_id not in book.paired_thumbs:  # no longer unpaired: its point goes
+                    self.points[held] = [x for x in self.points[held] if x.label_id != old.label_id]
                 book.paired_thumbs |= {old.label_id, new.label_id}
                 made += 1
         book.thumbs.append(new)
