@@ -19,6 +19,7 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
+from .dpo import PreferenceLossOut, preference_loss
 from .grpo import group_advantages
 from .ppo import PolicyLossOut, gae, kl_shaped_rewards, policy_loss, whiten
 from .rloo import rloo_advantages
@@ -102,9 +103,20 @@ class Algorithm:
         return POLICY_LOSSES.get(self.loss)
 
 
+@dataclass(frozen=True)
+class PreferenceInputs:
+    logp_chosen: torch.Tensor  # (B,) sequence log-probs of the policy, with gradients
+    logp_rejected: torch.Tensor
+    ref_chosen: torch.Tensor  # (B,) sequence log-probs of the reference
+    ref_rejected: torch.Tensor
+    beta: float
+
+
 ADVANTAGES: Registry[Estimator] = Registry("advantage estimator")
 POLICY_LOSSES: Registry[Callable[[LossInputs], PolicyLossOut]] = Registry("policy loss")
 ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
+# Losses on preference pairs (feedback labels): the trainer's steps on labels use one by name.
+PREFERENCE_LOSSES: Registry[Callable[[PreferenceInputs], PreferenceLossOut]] = Registry("preference loss")
 
 
 def _sequence_scores(x: AdvantageInputs) -> torch.Tensor:
@@ -141,3 +153,6 @@ POLICY_LOSSES.register("clipped", _clipped)
 ALGORITHMS.register("grpo", Algorithm(advantage="grpo", loss="clipped"))
 ALGORITHMS.register("rloo", Algorithm(advantage="rloo", loss="clipped"))
 ALGORITHMS.register("ppo", Algorithm(advantage="gae", loss="clipped"))
+for _kind in ("dpo", "ipo"):
+    PREFERENCE_LOSSES.register(_kind, lambda x, kind=_kind: preference_loss(
+        x.logp_chosen, x.logp_rejected, x.ref_chosen, x.ref_rejected, beta=x.beta, kind=kind))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from rlhf_common.algos.registry import ALGORITHMS
+from rlhf_common.algos.registry import ALGORITHMS, PREFERENCE_LOSSES
 from rlhf_common.config import BaseConfig, ServerConfig, section, setting
 
 
@@ -26,6 +26,18 @@ class TrainerConfig(BaseConfig):
                              f"Policy optimisation, a registered algorithm: {', '.join(ALGORITHMS.names())} "
                              "(ppo: value head + GAE)")
     groups_per_step: int = setting(2, "GROUPS_PER_STEP", "Prompt groups per optimisation step")
+    learn_from: Literal["rollouts", "labels", "both"] = setting(
+        "rollouts", "LEARN_FROM", "What the policy learns from: RL steps on rollouts, preference-loss steps on "
+        "feedback pairs from rlhf.labels (A/B choices and edits), or both interleaved")
+    label_step_every: int = setting(1, "LABEL_STEP_EVERY",
+                                    "With 'both': one step on feedback pairs after every N steps on rollouts, "
+                                    "when a batch of pairs is ready")
+    preference_loss: str = setting("dpo", "PREFERENCE_LOSS", "Loss of the steps on feedback pairs, a registered "
+                                   "preference loss (dpo, ipo); its reference log-probs come from the reference "
+                                   "service")
+    preference_beta: float = setting(0.1, "PREFERENCE_BETA", "beta of the preference loss")
+    preference_batch: int = setting(8, "PREFERENCE_BATCH", "Feedback pairs per step")
+    max_pair_tokens: int = setting(256, "MAX_PAIR_TOKENS", "Token limit of a feedback pair's prompt and each answer")
     reward_whiten: bool = setting(True, "REWARD_WHITEN",
                                   "Learn from rewards whitened with running statistics of the reward-model version in "
                                   "service (restarted when it changes), so a new reward scale does not jolt the "
@@ -72,6 +84,12 @@ class TrainerConfig(BaseConfig):
         self.check(bool(self.weight_store), "weight_store", "must name a directory")
         self.check(self.algorithm in ALGORITHMS.names(), "algorithm", f"must be one of {ALGORITHMS.names()}")
         self.check(self.groups_per_step >= 1, "groups_per_step", "must be >= 1")
+        self.check(self.label_step_every >= 1, "label_step_every", "must be >= 1")
+        self.check(self.preference_loss in PREFERENCE_LOSSES.names(), "preference_loss",
+                   f"must be one of {PREFERENCE_LOSSES.names()}")
+        self.check(self.preference_beta > 0, "preference_beta", "must be > 0")
+        self.check(self.preference_batch >= 1, "preference_batch", "must be >= 1")
+        self.check(self.max_pair_tokens >= 8, "max_pair_tokens", "must be >= 8")
         self.check(self.lr > 0, "lr", "must be > 0")
         self.check(self.kl_beta >= 0, "kl_beta", "must be >= 0")
         self.check(0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)")

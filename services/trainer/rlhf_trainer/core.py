@@ -32,7 +32,8 @@ from rlhf_common.weights import WeightStore
 from .checkpoint import CheckpointStore, TrainerState
 from .clients import ReferenceClient, RewardClient
 from .config import TrainerConfig
-from .learner import LearnerConfig, PolicyLearner, RolloutBatch
+from .labels import PairBuffer
+from .learner import LearnerConfig, PolicyLearner, PreferenceBatch, RolloutBatch
 from .metrics import TrainerMetrics
 from .rewards import RewardWhitener
 
@@ -57,6 +58,8 @@ class StepStats:
     version_lag_mean: float
     step_seconds: float
     rollouts: int
+    kind: str = "rollouts"  # or "labels": a step of the preference loss on feedback pairs
+    label_ids: tuple[str, ...] = ()  # the labels a "labels" step learned from
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class Trainer:
         self.groups_consumed = 0
         self.offsets: dict[int, int] = {}
         self.trained_ids: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        self.label_offsets: dict[int, int] = {}
+        self.trained_labels: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        self.label_pairs_trained = 0
         self.whitener = RewardWhitener()
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
         st = self.resumed_from
@@ -145,6 +151,9 @@ class Trainer:
             self.trained_ids.extend(st.trained_ids)
             if "whitener" in st.extra:
                 self.whitener.load_state_dict(st.extra["whitener"])
+            self.label_offsets = dict(st.extra.get("label_offsets", {}))
+            self.trained_labels.extend(st.extra.get("trained_labels", []))
+            self.label_pairs_trained = int(st.extra.get("label_pairs_trained", 0))
             log.info("resumed from step %d (v%d), offsets %s", st.step, st.version, st.offsets)
         newest = self.store.latest(cfg.model_name)
         if newest is not None and newest.version > self.version:
@@ -183,13 +192,22 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> None:
-        """Consume rollouts and train until `stopping` is set or max_steps is reached (blocking)."""
+        """Consume rollouts and/or feedback pairs and train until `stopping` is set or max_steps
+        is reached (blocking)."""
         topics = Topics(self.bus.topic_prefix)
+        use_rollouts = self.cfg.learn_from in ("rollouts", "both")
+        use_labels = self.cfg.learn_from in ("labels", "both")
         consumer = Consumer(self.bus, topics.rollouts, events_pb2.Rollout, group_id=self.cfg.group_id,
-                            client_id="trainer", id_of=lambda r: r.rollout_id)
+                            client_id="trainer", id_of=lambda r: r.rollout_id) if use_rollouts else None
+        labels = Consumer(self.bus, topics.labels, events_pb2.Label, group_id=f"{self.cfg.group_id}-labels",
+                          client_id="trainer-labels", id_of=lambda x: x.label_id) if use_labels else None
         if self.resumed_from is not None:
-            consumer.seek(self.offsets)
-            consumer.remember(self.trained_ids)
+            if consumer is not None:
+                consumer.seek(self.offsets)
+                consumer.remember(self.trained_ids)
+            if labels is not None:
+                labels.seek(self.label_offsets)
+                labels.remember(self.trained_labels)
         producer = Producer(self.bus, client_id="trainer")
         if self.resumed_from is not None:
             st = self.resumed_from
@@ -198,6 +216,8 @@ class Trainer:
         reference = ReferenceClient(self.cfg.reference_addr)
         self.evaluator = self._make_evaluator(reward)
         buf = GroupBuffer()
+        pairs = PairBuffer(self.tokenizer, self.cfg.max_pair_tokens)
+        rl_steps_since_labels = 0
         try:
             while not self.stopping.is_set():
                 if self.cfg.max_steps and self.step >= self.cfg.max_steps:
@@ -205,12 +225,25 @@ class Trainer:
                 if self.paused.is_set():
                     time.sleep(0.1)
                     continue
+                if use_labels and len(pairs.pending) >= self.cfg.preference_batch and (
+                        not use_rollouts or rl_steps_since_labels >= self.cfg.label_step_every):
+                    with self._state_lock:
+                        self.save_and_publish(producer, topics.weights, self.label_step(pairs, reference))
+                    labels.commit_offsets(self.label_offsets)
+                    rl_steps_since_labels = 0
+                    self.progress = self._progress()
+                    continue
+                if not use_rollouts:
+                    self._read_labels(labels, pairs, timeout_ms=200)
+                    continue
                 t_wait = time.perf_counter()
                 while len(buf.complete) < self.cfg.groups_per_step and not self.stopping.is_set():
                     dup_before = consumer.duplicates
                     for rec in consumer.poll(timeout_ms=200):
                         buf.add(rec)
                     self.metrics.duplicates.inc(consumer.duplicates - dup_before)
+                    if labels is not None:
+                        self._read_labels(labels, pairs, timeout_ms=0)
                 if self.stopping.is_set():
                     break
                 self.metrics.phase_seconds.labels("wait").observe(time.perf_counter() - t_wait)
@@ -226,19 +259,62 @@ class Trainer:
                 self.groups_consumed += len(groups)
                 self.offsets.update(buf.safe_offsets(taken))
                 self.trained_ids.extend(r.record.rollout_id for r in taken)
+                if labels is not None:
+                    self.label_offsets.update(pairs.safe_offsets())
                 if fresh:
                     with self._state_lock:
                         stats = self.train_step(fresh, reward, reference)
                         self.save_and_publish(producer, topics.weights, stats)
+                    rl_steps_since_labels += 1
                     if self.evaluator is not None and self.step % self.cfg.eval_every == 0:
                         self.run_eval(reward, reference)
                 consumer.commit_offsets(self.offsets)
                 self.progress = self._progress()
         finally:
-            consumer.close()
+            for c in (consumer, labels):
+                if c is not None:
+                    c.close()
             producer.close()
             reward.close()
             reference.close()
+
+    def _read_labels(self, labels: Consumer, pairs: PairBuffer, timeout_ms: int) -> None:
+        for rec in labels.poll(timeout_ms=timeout_ms):
+            if pairs.add(rec):
+                self.metrics.label_pairs.labels("read").inc()
+
+    def label_step(self, pairs: PairBuffer, reference: ReferenceClient) -> StepStats:
+        """One preference-loss step on a batch of feedback pairs (caller holds the state lock)."""
+        t0 = time.perf_counter()
+        batch = pairs.take(self.cfg.preference_batch)
+        prompts = [p.prompt for p in batch]
+        t = time.perf_counter()
+        ref = [sum(x) for x in reference.logprobs(prompts + prompts, [p.chosen for p in batch]
+                                                  + [p.rejected for p in batch])]
+        self.metrics.phase_seconds.labels("scoring").observe(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = self.learner.preference_step(PreferenceBatch(prompts, [p.chosen for p in batch],
+                                                           [p.rejected for p in batch], ref[:len(batch)],
+                                                           ref[len(batch):]),
+                                           self.cfg.preference_loss, self.cfg.preference_beta)
+        self.metrics.phase_seconds.labels("training").observe(time.perf_counter() - t)
+        self.step += 1
+        ids = tuple(p.label_id for p in batch)
+        self.trained_labels.extend(ids)
+        self.label_pairs_trained += len(batch)
+        self.label_offsets.update(pairs.safe_offsets())
+        m = self.metrics
+        m.label_pairs.labels("trained").inc(len(batch))
+        m.preference_loss.set(out["loss"])
+        m.preference_accuracy.set(out["accuracy"])
+        m.step.set(self.step)
+        n_tokens = sum(len(p.chosen) + len(p.rejected) for p in batch)
+        m.tokens.inc(n_tokens)
+        return StepStats(
+            step=self.step, version=self.version + 1, reward_mean=out["chosen_reward"] - out["rejected_reward"],
+            reward_std=0.0, kl=float("nan"), loss=out["loss"], clip_fraction=0.0, entropy=float("nan"),
+            value_loss=0.0, kl_beta=self.cfg.preference_beta, response_length_mean=n_tokens / (2 * len(batch)),
+            version_lag_mean=0.0, step_seconds=time.perf_counter() - t0, rollouts=0, kind="labels", label_ids=ids)
 
     def train_step(self, rollouts: list[events_pb2.Rollout], reward: RewardClient,
                    reference: ReferenceClient) -> StepStats:
@@ -331,14 +407,19 @@ class Trainer:
             step=self.step, version=version, weights_path=path, weights_sha256=sha256,
             groups_consumed=self.groups_consumed, rollouts_consumed=self.rollouts_consumed,
             offsets=dict(self.offsets), trained_ids=list(self.trained_ids), learner=self.learner.state_dict(),
-            torch_rng=torch.get_rng_state(), extra={"whitener": self.whitener.state_dict()},
+            torch_rng=torch.get_rng_state(),
+            extra={"whitener": self.whitener.state_dict(), "label_offsets": dict(self.label_offsets),
+                   "trained_labels": list(self.trained_labels), "label_pairs_trained": self.label_pairs_trained},
         )
 
     def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
         t = time.perf_counter()
+        extra = {"groups_consumed": self.groups_consumed, "rollouts_consumed": self.rollouts_consumed,
+                 "step_kind": stats.kind}
+        if stats.label_ids:
+            extra["label_ids"] = list(stats.label_ids)  # which feedback went into this version
         ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step,
-                               extra={"groups_consumed": self.groups_consumed,
-                                      "rollouts_consumed": self.rollouts_consumed})
+                               extra=extra)
         self.version = ckpt.version
         if self.step % self.cfg.checkpoint_every == 0:
             self.checkpoints.save(self._state(ckpt.version, str(ckpt.path), ckpt.sha256))
@@ -347,8 +428,8 @@ class Trainer:
         self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
         self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t)
         self.recent.append(stats)
-        log.info("step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
-                 stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.kl_beta,
+        log.info("%s step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
+                 stats.kind, stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.kl_beta,
                  stats.loss, stats.version_lag_mean, stats.rollouts, stats.step_seconds)
         self.progress = self._progress()  # last: Status sees the whole step or none of it
 

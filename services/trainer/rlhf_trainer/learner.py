@@ -18,7 +18,8 @@ from rlhf_common.algos.grpo import masked_mean
 from rlhf_common.algos.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from rlhf_common.algos.logprobs import pack_sequences, token_logprobs
 from rlhf_common.algos.ppo import entropy, truncated_is_weights, value_loss
-from rlhf_common.algos.registry import ALGORITHMS, AdvantageInputs, LossInputs
+from rlhf_common.algos.dpo import sequence_logprob
+from rlhf_common.algos.registry import ALGORITHMS, PREFERENCE_LOSSES, AdvantageInputs, LossInputs, PreferenceInputs
 
 
 @dataclass
@@ -72,6 +73,17 @@ class StepResult:
     # inference engine's numerical mismatch with the trainer.
     logprob_diff: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs from feedback labels. Token lists are (T_i,); references are (B,)."""
+
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    ref_chosen: list[float]  # reference sequence log-probs of the chosen responses
+    ref_rejected: list[float]
 
 
 class ValueHead(torch.nn.Module):
@@ -176,6 +188,26 @@ class PolicyLearner:
         return StepResult(loss=totals["loss"] / n, kl=kl_mean, entropy=totals["ent"] / n,
                           clip_fraction=totals["clip"] / n, value_loss=totals["vloss"] / n,
                           is_weight_mean=float(masked_mean(is_w, mask)), beta=beta, logprob_diff=diff.tolist())
+
+    # -- a step on preference pairs -----------------------------------------------------------
+    def preference_step(self, batch: PreferenceBatch, loss: str, beta: float) -> dict:
+        """One step of a registered preference loss (DPO, IPO) with the same model and
+        optimizer as the RL steps, so both kinds of step can be interleaved."""
+        fn = PREFERENCE_LOSSES.get(loss)
+        n = len(batch.prompts)
+        input_ids, attn, mask = pack_sequences(batch.prompts + batch.prompts, batch.chosen + batch.rejected,
+                                               self.pad_id)
+        logp, _, _ = self._forward(input_ids, attn, want_values=False)
+        seq = sequence_logprob(logp, mask)
+        out = fn(PreferenceInputs(seq[:n], seq[n:], torch.tensor(batch.ref_chosen), torch.tensor(batch.ref_rejected),
+                                  beta))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        return {"loss": float(out.loss.detach()), "accuracy": float(out.accuracy),
+                "chosen_reward": float(out.chosen_reward), "rejected_reward": float(out.rejected_reward)}
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

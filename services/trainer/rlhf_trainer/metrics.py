@@ -34,6 +34,14 @@ class TrainerMetrics(RpcMetrics):
             "weights the trainer held (lag 0): the engine's numerical mismatch, in nats (NaN until one is seen)",
             registry=registry)
         self.engine_logprob_diff.set(float("nan"))
+        self.preference_loss = Gauge("rlhf_trainer_preference_loss", "Preference loss of the last step on feedback "
+                                     "pairs", registry=registry)
+        self.preference_accuracy = Gauge("rlhf_trainer_preference_accuracy",
+                                         "Share of the last feedback pairs whose implicit reward prefers the chosen "
+                                         "answer (before the step)", registry=registry)
+        self.label_pairs = Counter("rlhf_trainer_label_pairs_total",
+                                   "Feedback pairs from rlhf.labels, by outcome (read, trained)", ["outcome"],
+                                   registry=registry)
         self.stale = Counter("rlhf_trainer_stale_rollouts_total", "Rollouts skipped for exceeding max staleness",
                              registry=registry)
         self.checkpoints = Counter("rlhf_trainer_checkpoints_total", "Training-state checkpoints saved",

@@ -34,6 +34,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     loss=s.loss, response_length_mean=s.response_length_mean,
                     version_lag_mean=s.version_lag_mean, step_seconds=s.step_seconds, rollouts=s.rollouts,
                     clip_fraction=s.clip_fraction, entropy=s.entropy, value_loss=s.value_loss, kl_beta=s.kl_beta,
+                    kind=s.kind,
                 )
                 for s in list(t.recent)
             ],
