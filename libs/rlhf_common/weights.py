@@ -107,8 +107,9 @@ class WeightStore:
         return self.root / model_name / f"v{version:08d}"
 
     def save(self, model, tokenizer, model_name: str, version: int, step: int,
-             extra: dict | None = None) -> Checkpoint:
-        """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint."""
+             extra: dict | None = None, files: dict[str, str] | None = None) -> Checkpoint:
+        """Save an HF model (+ tokenizer, + small text `files` by name) as a new version; returns
+        its Checkpoint."""
         final = self.folder(model_name, version)
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         if tmp.exists():
@@ -117,6 +118,8 @@ class WeightStore:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         sha = digest(tmp)
         (tmp / MANIFEST).write_text(json.dumps(
             {"model_name": model_name, "version": version, "step": step, "sha256": sha,

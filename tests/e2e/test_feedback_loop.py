@@ -4,6 +4,10 @@ counts in = counts out, and the reward model advancing because of that feedback.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -136,3 +140,27 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
     while reward.GetModelInfo(reward_pb2.GetModelInfoRequest()).version_number != 1:
         assert time.monotonic() < deadline + 120, "the reward service did not swap to the learned version"
         time.sleep(0.3)
+
+    # one command traces an answer to its feedback, labels and the versions that learned from them
+    prompt, r = next((p, r) for p, r in answers if not held_out(p, HELD_OUT))
+    gid = r.completions[0].generation_id
+    env = {**os.environ, **st.bus.to_env()}
+    out = subprocess.run([sys.executable, "-m", "rlhf_feedback.trace", gid, "--weight-store",
+                          str(st.spec.run_dir / "weights"), "--json"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    t = json.loads(out.stdout)
+    mine = {f for f, (gens, _) in expect.items() if gid in gens}
+    assert t["generation"]["generation_id"] == gid and t["generation"]["prompt"] == prompt
+    assert int(t["generation"].get("policy_version", 0)) == r.policy_version
+    assert {f["feedback_id"] for f in t["feedback"]} == mine and len(mine) == 4  # edit, thumb, rating, pairwise
+    assert {x["label_id"] for x in t["labels"]} == {label_id(f) for f in mine}
+    # a lone rating of an answer makes no example (ratings pair up between answers), so the
+    # reward model learned from the other three
+    rating = next(x["label_id"] for x in t["labels"] if "rating" in x)
+    assert set(t["reward_versions"]) == {"1"}
+    assert set(t["reward_versions"]["1"]) == {label_id(f) for f in mine} - {rating}
+    assert t["policy_versions"] == {}
+    text = subprocess.run([sys.executable, "-m", "rlhf_feedback.trace", gid, "--weight-store",
+                           str(st.spec.run_dir / "weights")], env=env, capture_output=True, text=True, timeout=120)
+    assert "reward-model versions trained on them: v1 (3 labels)" in text.stdout, text.stdout

@@ -145,8 +145,12 @@ class LearnLoop(BackgroundLoop):
         gate = {"heldout_accuracy": r.candidate_accuracy, "live_heldout_accuracy": r.live_accuracy,
                 "heldout_pairs": float(r.heldout_pairs), "train_pairs": float(r.train_pairs),
                 "train_points": float(r.train_points)}
+        # Which labels this version learned from (the trace command reads it).
+        used = sorted({i for p in self.book.pairs[False] for i in p.label_ids}
+                      | {p.label_id for p in self.book.points[False]})
         ckpt = self.store.save(candidate, live.tokenizer, self.cfg.model_name, version, step=r.round,
-                               extra={"gate": gate, "based_on_version": live.version})
+                               extra={"gate": gate, "based_on_version": live.version},
+                               files={"labels.txt": "\n".join(used) + "\n"})
         out.send(topic, self.cfg.model_name, events_pb2.WeightUpdate(
             model_name=self.cfg.model_name, version=version, uri=str(ckpt.path),
             format=events_pb2.WeightUpdate.FORMAT_FULL, sha256=ckpt.sha256, step=r.round,
