@@ -20,6 +20,7 @@ from .errors import IncompatibleWeights, WeightsCorrupt
 from .fsutil import publish_dir
 
 MANIFEST = "rlhf_manifest.json"
+LINEAGE = "lineage.jsonl"
 
 
 def local_path(uri: str) -> Path:
@@ -107,9 +108,8 @@ class WeightStore:
         return self.root / model_name / f"v{version:08d}"
 
     def save(self, model, tokenizer, model_name: str, version: int, step: int,
-             extra: dict | None = None, files: dict[str, str] | None = None) -> Checkpoint:
-        """Save an HF model (+ tokenizer, + small text `files` by name) as a new version; returns
-        its Checkpoint."""
+             extra: dict | None = None) -> Checkpoint:
+        """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint."""
         final = self.folder(model_name, version)
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         if tmp.exists():
@@ -118,14 +118,40 @@ class WeightStore:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
         sha = digest(tmp)
         (tmp / MANIFEST).write_text(json.dumps(
             {"model_name": model_name, "version": version, "step": step, "sha256": sha,
              "created_unix_ms": int(time.time() * 1000), "extra": extra or {}}, indent=2))
         publish_dir(tmp, final)
         return Checkpoint(model_name, version, final, sha, step, extra or {})
+
+    def append_lineage(self, model_name: str, entry: dict) -> None:
+        """Add one line to the model's lineage: what a version learned from. The lineage is
+        append-only and outlives pruned versions, so any version's story can still be told."""
+        path = self.root / model_name / LINEAGE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # a crash mid-line: start the next entry on its own line
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def lineage(self, model_name: str) -> list[dict]:
+        """The lineage entries, oldest first (a torn last line from a crash is skipped)."""
+        path = self.root / model_name / LINEAGE
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
 
     def load_manifest(self, model_name: str, version: int) -> Checkpoint:
         folder = self.folder(model_name, version)

@@ -19,6 +19,7 @@ from rlhf.events.v1 import events_pb2
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
 from rlhf.reward_learner.v1 import reward_learner_pb2, reward_learner_pb2_grpc
+from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from rlhf_common.topics import Topics
 from rlhf_devstack.models import tiny_prompts
 from rlhf_devstack.stack import Stack, StackSpec
@@ -39,9 +40,11 @@ BAD = ["bad sad no cold dark", "sad bad late dark no", "no bad cold sad night"]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("feedback-stack")
-    spec = StackSpec(run_dir=run_dir, services=("reward", "feedback", "reward_learner", "policy"),
+    spec = StackSpec(run_dir=run_dir, services=("reward", "reference", "trainer", "feedback", "reward_learner",
+                                                "policy"),
                      rollout_enabled=False, max_tokens=12,
-                     extra_env={"RLHF_FEEDBACK_WAIT_S": "4", "RLHF_REWARD_LEARNER_HELD_OUT_FRACTION": str(HELD_OUT),
+                     extra_env={"RLHF_TRAINER_LEARN_FROM": "labels", "RLHF_TRAINER_PREFERENCE_BATCH": "1",
+                                "RLHF_FEEDBACK_WAIT_S": "4", "RLHF_REWARD_LEARNER_HELD_OUT_FRACTION": str(HELD_OUT),
                                 "RLHF_REWARD_LEARNER_MIN_HELDOUT_PAIRS": "3", "RLHF_REWARD_LEARNER_LR": "3e-3",
                                 "RLHF_REWARD_LEARNER_EPOCHS": "4", "RLHF_REWARD_LEARNER_MAX_LENGTH": "64"})
     with Stack(spec) as st:
@@ -79,6 +82,7 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
 
     edits = min((GOOD, BAD), key=live_accuracy)
     items, expect = [], {}  # feedback id -> (generation ids, policy versions) its label must carry
+    expect_kind: dict[str, str] = {}
     for i, (prompt, r) in enumerate(answers):
         a, b = r.completions[0], r.completions[1]
         v = r.policy_version
@@ -86,6 +90,7 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
         items.append({"feedback_id": fid, "generation_id": a.generation_id,
                       "edit": {"edited_response": edits[i % 3]}})
         expect[fid] = ([a.generation_id, ""], [v, -1])
+        expect_kind[fid] = "edit"
         if held_out(prompt, HELD_OUT):
             continue  # held-out prompts get edits only: the gate judges what users taught
         more = [
@@ -99,6 +104,7 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
             items.append({"feedback_id": fid, **m})
             gens = [m["generation_id"]] + ([b.generation_id] if "pairwise" in m else [])
             expect[fid] = (gens, [v] * len(gens))
+            expect_kind[fid] = next(k for k in ("thumb", "rating", "pairwise") if k in m)
     for start in range(0, len(items), 16):
         r = _post(st, items[start:start + 16])
         assert r.status_code == 200 and not any(x["duplicate"] for x in r.json()["results"]), r.text
@@ -141,6 +147,20 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
         assert time.monotonic() < deadline + 120, "the reward service did not swap to the learned version"
         time.sleep(0.3)
 
+    # the policy learns from the same labels: one DPO step per A/B choice or edit, each a new
+    # version that the policy serves
+    n_pairs = sum(1 for i in items if "pairwise" in i or "edit" in i)
+    trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
+    policy = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(st.addrs["policy"]))
+    deadline = time.monotonic() + 240
+    while (status := trainer.Status(trainer_pb2.StatusRequest())).step < n_pairs:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status.step == n_pairs and all(x.kind == "labels" for x in status.recent)
+    while policy.GetVersion(policy_pb2.GetVersionRequest()).version < status.version:
+        assert time.monotonic() < deadline, "the policy did not serve the version learned from feedback"
+        time.sleep(0.3)
+
     # one command traces an answer to its feedback, labels and the versions that learned from them
     prompt, r = next((p, r) for p, r in answers if not held_out(p, HELD_OUT))
     gid = r.completions[0].generation_id
@@ -160,7 +180,10 @@ def test_feedback_becomes_labels_on_the_exact_answers_and_a_new_reward_model(ser
     rating = next(x["label_id"] for x in t["labels"] if "rating" in x)
     assert set(t["reward_versions"]) == {"1"}
     assert set(t["reward_versions"]["1"]) == {label_id(f) for f in mine} - {rating}
-    assert t["policy_versions"] == {}
+    pairs_of_answer = {label_id(f) for f in mine if "pairwise" in expect_kind[f] or "edit" in expect_kind[f]}
+    assert len(pairs_of_answer) == 2 and len(t["policy_versions"]) == 2  # one DPO step each
+    assert {i for ids in t["policy_versions"].values() for i in ids} == pairs_of_answer
     text = subprocess.run([sys.executable, "-m", "rlhf_feedback.trace", gid, "--weight-store",
                            str(st.spec.run_dir / "weights")], env=env, capture_output=True, text=True, timeout=120)
     assert "reward-model versions trained on them: v1 (3 labels)" in text.stdout, text.stdout
+    assert "policy versions trained on them: v" in text.stdout, text.stdout

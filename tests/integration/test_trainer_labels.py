@@ -1,10 +1,9 @@
 """The trainer learning from feedback labels as a real process: preference steps on A/B
-choices and edits from rlhf.labels, versions published with the labels they learned from,
+choices and edits from rlhf.labels, each version's labels in the model's lineage,
 and a kill -9 that neither loses a pair nor trains one twice."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -14,7 +13,7 @@ from rlhf.events.v1 import events_pb2
 from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from rlhf_common.bus import Producer
 from rlhf_common.topics import Topics
-from rlhf_common.weights import MANIFEST, WeightStore
+from rlhf_common.weights import WeightStore
 from rlhf_devstack.stack import Stack, StackSpec
 
 pytestmark = pytest.mark.integration
@@ -69,9 +68,9 @@ def test_preference_steps_on_labels_survive_a_kill_9(tmp_path):
         s = _wait_steps(stub, 2)
         assert [x.kind for x in s.recent] == ["labels", "labels"] and s.version == 2
         store = WeightStore(tmp_path / "weights")
-        learned = [json.loads((store.folder("policy", v) / MANIFEST).read_text())["extra"]["label_ids"]
-                   for v in (1, 2)]
-        assert learned == [[x.label_id for x in first[:4]], [x.label_id for x in first[4:]]]
+        lineage = store.lineage("policy")
+        assert [(e["version"], e["kind"], e["label_ids"]) for e in lineage] == [
+            (1, "labels", [x.label_id for x in first[:4]]), (2, "labels", [x.label_id for x in first[4:]])]
 
         assert st.kill("trainer") == -9
         st.restart("trainer")
@@ -83,6 +82,6 @@ def test_preference_steps_on_labels_survive_a_kill_9(tmp_path):
         time.sleep(2)  # a fourth step would need pairs that were trained already
         s = stub.Status(trainer_pb2.StatusRequest())
         assert s.step == 3 and s.version == 3
-        learned = json.loads((store.folder("policy", 3) / MANIFEST).read_text())["extra"]["label_ids"]
-        assert learned == [x.label_id for x in more]
+        assert [(e["version"], e["label_ids"]) for e in store.lineage("policy")][2:] == [
+            (3, [x.label_id for x in more])]  # nothing trained twice after the kill
         assert s.recent[-1].kind == "labels" and s.recent[-1].reward_mean > 0  # chosen over rejected

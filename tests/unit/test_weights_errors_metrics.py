@@ -152,3 +152,18 @@ def test_store_save_over_an_existing_version_keeps_a_complete_folder(tmp_path):
     assert second.sha256 != first.sha256
     assert store.load_manifest("policy", 1).step == 2 and digest(second.path) == second.sha256
     assert [p.name for p in (tmp_path / "store" / "policy").iterdir()] == ["v00000001"]
+
+
+def test_lineage_is_append_only_survives_pruning_and_skips_a_torn_line(tmp_path):
+    store = WeightStore(tmp_path)
+    for v in (1, 2, 3):
+        store.save(_Tiny(), None, "policy", v, step=v)
+        store.append_lineage("policy", {"version": v, "label_ids": [f"lbl-{v}"]})
+    store.prune("policy", keep=1)
+    assert store.versions("policy") == [3]
+    with open(tmp_path / "policy" / "lineage.jsonl", "a") as f:
+        f.write('{"version": 4, "label_')  # a crash mid-write
+    assert [e["version"] for e in store.lineage("policy")] == [1, 2, 3]
+    store.append_lineage("policy", {"version": 4, "label_ids": ["lbl-4"]})  # after the torn line, whole
+    assert [e["version"] for e in store.lineage("policy")] == [1, 2, 3, 4]
+    assert store.lineage("reward") == []

@@ -5,8 +5,9 @@ from those labels.
     python -m rlhf_feedback.trace GENERATION_ID --weight-store DIR [--json]
 
 Reads the topics from the beginning (Kafka at RLHF_KAFKA_BOOTSTRAP, prefix RLHF_TOPIC_PREFIX)
-and the manifests in the weight store: a policy version lists the labels its preference
-steps used (`extra.label_ids`), a reward version the labels it was trained on (`labels.txt`).
+and the lineage of each model in the weight store (`<model>/lineage.jsonl`, append-only, kept
+when versions are pruned): a policy version lists the labels its preference step learned
+from, a reward version the labels it was the first to learn from (later versions build on it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from rlhf_common.weights import WeightStore
 from .join import label_id
 
 M = TypeVar("M", bound=Message)
-LABELS_FILE = "labels.txt"
 
 
 def read_topic(bus: BusConfig, topic: str, record_type: type[M], keep: Callable[[M], bool],
@@ -56,23 +56,17 @@ class Trace:
     generation: dict | None = None
     feedback: list[dict] = field(default_factory=list)
     labels: list[dict] = field(default_factory=list)
-    reward_versions: dict[int, list[str]] = field(default_factory=dict)  # version -> label ids it learned from
-    policy_versions: dict[int, list[str]] = field(default_factory=dict)
+    reward_versions: dict[int, list[str]] = field(default_factory=dict)  # version -> labels it first learned
+    policy_versions: dict[int, list[str]] = field(default_factory=dict)  # version -> labels of its DPO step
 
 
 def _learned_from(store: WeightStore, model_name: str, ids: set[str]) -> dict[int, list[str]]:
-    out = {}
-    for v in store.versions(model_name):
-        folder = store.folder(model_name, v)
-        used: set[str] = set()
-        if (folder / LABELS_FILE).exists():
-            used = set((folder / LABELS_FILE).read_text().split())
-        try:
-            used |= set(store.load_manifest(model_name, v).extra.get("label_ids", []))
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        if used & ids:
-            out[v] = sorted(used & ids)
+    """Version -> the wanted labels it was the first to learn from, from the model's lineage."""
+    out: dict[int, list[str]] = {}
+    for e in store.lineage(model_name):
+        hit = sorted((set(e.get("label_ids", [])) | set(e.get("new_label_ids", []))) & ids)
+        if hit:
+            out[int(e["version"])] = hit
     return out
 
 
@@ -115,10 +109,11 @@ def render(t: Trace) -> str:
         answers = ", ".join(f"{r.get('generation_id') or 'edit'}@v{r.get('policy_version', 0)}"
                             for r in x.get("responses", []))
         lines.append(f"  {x['label_id']}  from {', '.join(x.get('feedback_ids', []))}  on {answers}")
-    for name, versions in (("reward-model", t.reward_versions), ("policy", t.policy_versions)):
+    for name, versions, note in (("reward-model", t.reward_versions, " (and every later version)"),
+                                 ("policy", t.policy_versions, "")):
         if versions:
             lines.append(f"{name} versions trained on them: " + ", ".join(
-                f"v{v} ({len(ids)} labels)" for v, ids in sorted(versions.items())))
+                f"v{v} ({len(ids)} labels)" for v, ids in sorted(versions.items())) + note)
         else:
             lines.append(f"{name} versions trained on them: none yet")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ class LearnLoop(BackgroundLoop):
         self.store = WeightStore(cfg.weight_store)
         self.progress = Progress()
         self.requests: queue.Queue[concurrent.futures.Future] = queue.Queue()
+        self.learned: set[str] = set()  # label ids some published version learned from
         self.ready = threading.Event()
         self.rounds = 0
 
@@ -70,6 +71,7 @@ class LearnLoop(BackgroundLoop):
         latest = self.store.latest(self.cfg.model_name)
         live = RewardModelState(latest.path if latest else self.cfg.model, latest.version if latest else 0)
         self.rounds = latest.step if latest else 0
+        self.learned = {i for e in self.store.lineage(self.cfg.model_name) for i in e.get("new_label_ids", [])}
         self.metrics.version.set(live.version)
         topics = Topics(self.bus.topic_prefix)
         labels = Consumer(self.bus, topics.labels, events_pb2.Label, group_id=None, client_id="reward-learner",
@@ -145,12 +147,15 @@ class LearnLoop(BackgroundLoop):
         gate = {"heldout_accuracy": r.candidate_accuracy, "live_heldout_accuracy": r.live_accuracy,
                 "heldout_pairs": float(r.heldout_pairs), "train_pairs": float(r.train_pairs),
                 "train_points": float(r.train_points)}
-        # Which labels this version learned from (the trace command reads it).
-        used = sorted({i for p in self.book.pairs[False] for i in p.label_ids}
-                      | {p.label_id for p in self.book.points[False]})
         ckpt = self.store.save(candidate, live.tokenizer, self.cfg.model_name, version, step=r.round,
-                               extra={"gate": gate, "based_on_version": live.version},
-                               files={"labels.txt": "\n".join(used) + "\n"})
+                               extra={"gate": gate, "based_on_version": live.version})
+        # The labels this version is the first to learn from (later versions build on it), kept
+        # in the lineage, which outlives pruned versions.
+        used = {i for p in self.book.pairs[False] for i in p.label_ids} | {p.label_id for p in self.book.points[False]}
+        new = sorted(used - self.learned)
+        self.store.append_lineage(self.cfg.model_name, {"version": version, "round": r.round, "gate": gate,
+                                                        "new_label_ids": new})
+        self.learned.update(new)
         out.send(topic, self.cfg.model_name, events_pb2.WeightUpdate(
             model_name=self.cfg.model_name, version=version, uri=str(ckpt.path),
             format=events_pb2.WeightUpdate.FORMAT_FULL, sha256=ckpt.sha256, step=r.round,

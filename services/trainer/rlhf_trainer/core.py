@@ -414,12 +414,12 @@ class Trainer:
 
     def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
         t = time.perf_counter()
-        extra = {"groups_consumed": self.groups_consumed, "rollouts_consumed": self.rollouts_consumed,
-                 "step_kind": stats.kind}
-        if stats.label_ids:
-            extra["label_ids"] = list(stats.label_ids)  # which feedback went into this version
         ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step,
-                               extra=extra)
+                               extra={"groups_consumed": self.groups_consumed,
+                                      "rollouts_consumed": self.rollouts_consumed, "step_kind": stats.kind})
+        if stats.label_ids:  # which feedback went into this version, kept beyond pruning
+            self.store.append_lineage(self.cfg.model_name, {"version": ckpt.version, "step": stats.step,
+                                                            "kind": stats.kind, "label_ids": list(stats.label_ids)})
         self.version = ckpt.version
         if self.step % self.cfg.checkpoint_every == 0:
             self.checkpoints.save(self._state(ckpt.version, str(ckpt.path), ckpt.sha256))
