@@ -20,7 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf_common import errors
@@ -30,6 +30,12 @@ from rlhf_common.metrics import HttpMetrics
 log = logging.getLogger(__name__)
 
 DOCS_ASSETS = "/docs-assets"
+
+
+class StrictModel(BaseModel):
+    """A request body: unknown fields are errors (a misspelt field would otherwise be ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorBody(BaseModel):

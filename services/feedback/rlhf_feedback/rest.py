@@ -7,10 +7,10 @@ from typing import Literal
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictFloat, StrictInt, StrictStr
 
 from rlhf_common.auth import ApiKeys
-from rlhf_http.app import make_app as make_base_app, require_key
+from rlhf_http.app import StrictModel, make_app as make_base_app, require_key
 
 from .core import FeedbackCore, FeedbackItem
 from .metrics import FeedbackMetrics
@@ -18,27 +18,22 @@ from .metrics import FeedbackMetrics
 Number = StrictInt | StrictFloat
 
 
-class _Strict(BaseModel):
-    # Unknown fields are errors (a misspelt field would otherwise be silently ignored).
-    model_config = ConfigDict(extra="forbid")
-
-
-class RatingIn(_Strict):
+class RatingIn(StrictModel):
     value: Number = Field(description="The rating, within [scale_min, scale_max]")
     scale_min: Number = Field(description="Lowest value of the scale, e.g. 1")
     scale_max: Number = Field(description="Highest value of the scale, e.g. 5")
 
 
-class PairwiseIn(_Strict):
+class PairwiseIn(StrictModel):
     other_generation_id: StrictStr = Field(description="The other answer (B) to the same prompt")
     choice: Literal["a", "b", "tie"] = Field(description="'a': this item's answer was preferred, 'b': the other")
 
 
-class EditIn(_Strict):
+class EditIn(StrictModel):
     edited_response: StrictStr = Field(description="The user's corrected answer, preferred over the original")
 
 
-class FeedbackItemIn(_Strict):
+class FeedbackItemIn(StrictModel):
     feedback_id: StrictStr = Field(description="Your idempotency key: resend the same item with the same id")
     generation_id: StrictStr = Field(description="The answer judged, as returned by the policy with it")
     thumb: Literal["up", "down"] | None = None
@@ -60,7 +55,7 @@ class FeedbackItemIn(_Strict):
             comment=self.comment, user_id=self.user_id, session_id=self.session_id)
 
 
-class SubmitRequest(_Strict):
+class SubmitRequest(StrictModel):
     items: list[FeedbackItemIn] = Field(description="Feedback items; each sets exactly one of thumb, rating, "
                                                     "pairwise, edit")
 

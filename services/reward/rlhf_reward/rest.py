@@ -7,10 +7,10 @@ import logging
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, Field, StrictStr
 
 from rlhf_common.auth import ApiKeys
-from rlhf_http.app import make_app as make_base_app, require_key
+from rlhf_http.app import StrictModel, make_app as make_base_app, require_key
 
 from .core import RewardCore, ScoreItem
 from .metrics import RewardMetrics
@@ -18,17 +18,12 @@ from .metrics import RewardMetrics
 log = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    # Unknown fields are errors (a misspelt field would otherwise be silently ignored).
-    model_config = ConfigDict(extra="forbid")
-
-
-class ScoreItemIn(_Strict):
+class ScoreItemIn(StrictModel):
     prompt: StrictStr = Field(description="The prompt (may be empty if the response is not)")
     response: StrictStr = Field(description="The response to score (may be empty if the prompt is not)")
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(StrictModel):
     items: list[ScoreItemIn] = Field(description="(prompt, response) pairs, scored in order")
 
 
@@ -42,7 +37,7 @@ class ScoreResponse(BaseModel):
     model_version: str = Field(description="Checkpoint that produced every result")
 
 
-class CompareRequest(_Strict):
+class CompareRequest(StrictModel):
     prompt: StrictStr
     response_a: StrictStr
     response_b: StrictStr
