@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "torch==2.13.0"
 	@case "$(VARIANT)" in cpu|gpu) ;; *) echo "VARIANT=$(VARIANT): must be cpu or gpu"; exit 1;; esac
 	# Every service's extra (the policy's in its CPU or GPU build), the offline jobs, and the dev tools.
-	$(PIP) install -q -e '.[$(POLICY_EXTRA),reward,reference,trainer,jobs,dev]'
+	$(PIP) install -q -e '.[$(POLICY_EXTRA),reward,reference,trainer,feedback,reward_learner,jobs,dev]'
 	# Source roots on sys.path, so that generated code under libs/rlhf is importable too.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  for d in libs $(wildcard services/*); do echo "$(CURDIR)/$$d"; done > $$site/rlhf_stack_src.pth
