@@ -3,6 +3,7 @@ version announced with the gate's numbers, and the reward service swapping to it
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 import time
@@ -99,12 +100,17 @@ def test_labels_train_a_gated_version_that_the_reward_service_serves(broker, tin
         # a restart builds on the published version and reads the labels again
         learner.kill()
         learner.wait(10)
-        learner = start_service("rlhf_reward_learner", lcfg, tmp_path / "learner2.log", bus)
+        # (now with a schedule that a re-read of the old labels would trigger, if they counted as new)
+        lcfg2 = dataclasses.replace(lcfg, train_every_labels=20)
+        learner = start_service("rlhf_reward_learner", lcfg2, tmp_path / "learner2.log", bus)
         deadline = time.monotonic() + 60
         while (st := stub.Status(reward_learner_pb2.StatusRequest())).labels_read < len(labels):
             assert time.monotonic() < deadline
             time.sleep(0.3)
+        time.sleep(2)
+        st = stub.Status(reward_learner_pb2.StatusRequest())
         assert st.version == 1 and st.train_pairs + st.heldout_pairs == len(labels)
+        assert not st.HasField("last_round")  # re-reading what v1 learned from starts no round
     finally:
         for proc in (learner, reward):
             proc.terminate()

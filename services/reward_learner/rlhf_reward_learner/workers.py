@@ -2,7 +2,8 @@
 
 It reads rlhf.labels from the beginning at every start (the examples are rebuilt, not
 stored; labels repeat-sent after a crash are skipped by id), starts from the newest version
-in the weight store, and runs a round when `train_every_labels` new examples have come in,
+in the weight store, and runs a round when `train_every_labels` new examples have come in
+(examples from labels the newest version had read, recorded in its lineage, are not new),
 or `train_every_s` after the last round if any came in. A round that passes the gate saves
 the new version to the weight store and announces it on rlhf.weights with the gate's
 numbers; the reward service then hot-swaps to it.
@@ -58,6 +59,8 @@ class LearnLoop(BackgroundLoop):
         self.progress = Progress()
         self.requests: queue.Queue[concurrent.futures.Future] = queue.Queue()
         self.learned: set[str] = set()  # label ids some published version learned from
+        self.known_upto: dict[int, int] = {}  # partition -> label offset the newest version had read
+        self.read_upto: dict[int, int] = {}  # partition -> label offset read so far
         self.ready = threading.Event()
         self.rounds = 0
 
@@ -71,7 +74,11 @@ class LearnLoop(BackgroundLoop):
         latest = self.store.latest(self.cfg.model_name)
         live = RewardModelState(latest.path if latest else self.cfg.model, latest.version if latest else 0)
         self.rounds = latest.step if latest else 0
-        self.learned = {i for e in self.store.lineage(self.cfg.model_name) for i in e.get("new_label_ids", [])}
+        lineage = self.store.lineage(self.cfg.model_name)
+        self.learned = {i for e in lineage for i in e.get("new_label_ids", [])}
+        # Labels the newest version had read are not new after a restart: re-reading them
+        # rebuilds the examples without starting a round.
+        self.known_upto = {int(p): o for p, o in (lineage[-1].get("label_offsets", {}) if lineage else {}).items()}
         self.metrics.version.set(live.version)
         topics = Topics(self.bus.topic_prefix)
         labels = Consumer(self.bus, topics.labels, events_pb2.Label, group_id=None, client_id="reward-learner",
@@ -104,11 +111,15 @@ class LearnLoop(BackgroundLoop):
             out.close()
 
     def _read(self, labels: Consumer, timeout_ms: int) -> tuple[int, int]:
-        """(labels read, examples made) from one poll."""
+        """(labels read, new examples made) from one poll; examples from labels a published
+        version had already read are not new."""
         made = n = 0
         for rec in labels.poll(timeout_ms=timeout_ms, max_records=500):
             n += 1
-            made += self.book.add(rec.record)
+            examples = self.book.add(rec.record)
+            if rec.offset >= self.known_upto.get(rec.partition, 0):
+                made += examples
+            self.read_upto[rec.partition] = max(self.read_upto.get(rec.partition, 0), rec.offset + 1)
         self.metrics.labels.inc(n)
         return n, made
 
@@ -154,7 +165,8 @@ class LearnLoop(BackgroundLoop):
         used = {i for p in self.book.pairs[False] for i in p.label_ids} | {p.label_id for p in self.book.points[False]}
         new = sorted(used - self.learned)
         self.store.append_lineage(self.cfg.model_name, {"version": version, "round": r.round, "gate": gate,
-                                                        "new_label_ids": new})
+                                                        "new_label_ids": new,
+                                                        "label_offsets": dict(self.read_upto)})
         self.learned.update(new)
         out.send(topic, self.cfg.model_name, events_pb2.WeightUpdate(
             model_name=self.cfg.model_name, version=version, uri=str(ckpt.path),
