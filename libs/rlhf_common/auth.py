@@ -37,10 +37,16 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> None:
-        """Raise Unauthenticated unless `authorization` is 'Bearer <a configured key>'."""
+    def check(self, authorization: str | list[str] | None) -> None:
+        """Raise Unauthenticated unless `authorization` is 'Bearer <a configured key>'. Given
+        every value the request carried (a list), more than one is refused: REST and gRPC
+        then agree, instead of one taking the first and the other the last."""
         if not self._keys:
             return
+        if isinstance(authorization, list):
+            if len(authorization) > 1:
+                raise Unauthenticated(f"{len(authorization)} authorization headers: send exactly one")
+            authorization = authorization[0] if authorization else None
         if not authorization:
             raise Unauthenticated("missing credentials: send 'authorization: Bearer <api key>'")
         scheme, _, token = authorization.strip().partition(" ")
@@ -67,9 +73,9 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not self.keys.enabled or not handler_call_details.method.startswith(self.prefix):
             return handler
-        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())}
+        given = [v for k, v in (handler_call_details.invocation_metadata or ()) if k == "authorization"]
         try:
-            self.keys.check(metadata.get("authorization"))
+            self.keys.check(given)
         except Unauthenticated as exc:
             err = exc
 

@@ -40,7 +40,7 @@ def ensure_topics(cfg: BusConfig, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id="rlhf-admin")
+            admin = KafkaAdminClient(client_id="rlhf-admin", **cfg.client_options())
             break
         except Exception as e:  # broker not up yet
             if time.monotonic() > deadline:
@@ -75,7 +75,7 @@ class Producer:
         self.timeout_s = timeout_s
         ms = int(timeout_s * 1000)
         self._p = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap,
+            **cfg.client_options(),
             client_id=client_id,
             acks="all",
             linger_ms=2,
@@ -142,7 +142,7 @@ class Consumer(Generic[M]):
         self.duplicates = 0
         self.dead_letters = 0
         self._c = KafkaConsumer(
-            bootstrap_servers=cfg.bootstrap,
+            **cfg.client_options(),
             group_id=group_id,
             client_id=client_id,
             enable_auto_commit=False,

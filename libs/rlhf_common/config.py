@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin
@@ -194,11 +195,27 @@ class ServerConfig(BaseConfig):
     host: str = setting("127.0.0.1", "HOST", "Bind address of gRPC, REST and /metrics")
     port: int = setting(50051, "PORT", "gRPC port")
     metrics_port: int = setting(9100, "METRICS_PORT", "Prometheus /metrics port (0 = off)")
+    tls_cert_file: str = setting("", "TLS_CERT_FILE", "PEM certificate chain: serve gRPC over TLS (with TLS_KEY_FILE)")
+    tls_key_file: str = setting("", "TLS_KEY_FILE", "PEM private key of TLS_CERT_FILE")
 
     def validate(self) -> None:
         self.check(bool(self.host), "host", "must be an address to bind")
         self.check_port("port")
         self.check_port("metrics_port")
+        self.check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_key_file",
+                   f"TLS needs both {self.env_of('tls_cert_file')} and {self.env_of('tls_key_file')}")
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            self.check(not path or os.path.isfile(path), name, "no such file")
+
+    def grpc_credentials(self):
+        """Server credentials for TLS, or None for plaintext."""
+        if not self.tls_cert_file:
+            return None
+        import grpc
+
+        with open(self.tls_key_file, "rb") as k, open(self.tls_cert_file, "rb") as c:
+            return grpc.ssl_server_credentials([(k.read(), c.read())])
 
 
 @dataclass
@@ -209,12 +226,44 @@ class BusConfig(BaseConfig):
     bootstrap: str = setting("127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, host:port[,host:port]")
     topic_prefix: str = setting("rlhf", "TOPIC_PREFIX", "Prefix of every topic name")
     partitions: int = setting(1, "TOPIC_PARTITIONS", "Partitions of topics created by the services")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = setting(
+        "PLAINTEXT", "KAFKA_SECURITY_PROTOCOL", "Kafka client security: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = setting(
+        "", "KAFKA_SASL_MECHANISM", "SASL mechanism with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = setting("", "KAFKA_SASL_USERNAME", "SASL user name")
+    sasl_password: str = setting("", "KAFKA_SASL_PASSWORD", "SASL password (from a Secret)", secret=True)
+    ssl_cafile: str = setting("", "KAFKA_SSL_CAFILE", "PEM CA bundle that signs the brokers' certificates (SSL, "
+                              "SASL_SSL); empty = the system's")
+    ssl_certfile: str = setting("", "KAFKA_SSL_CERTFILE", "PEM client certificate, for brokers that require one")
+    ssl_keyfile: str = setting("", "KAFKA_SSL_KEYFILE", "PEM private key of KAFKA_SSL_CERTFILE")
 
     def validate(self) -> None:
         self.check(":" in self.bootstrap, "bootstrap", "must be host:port")
+        sasl = self.security_protocol.startswith("SASL")
+        self.check(not sasl or bool(self.sasl_mechanism), "sasl_mechanism",
+                   f"must be set when {self.env_of('security_protocol')}={self.security_protocol}")
+        self.check(not sasl or bool(self.sasl_username and self.sasl_password), "sasl_username",
+                   f"SASL needs a user name and {self.env_of('sasl_password')}")
+        self.check(bool(self.ssl_certfile) == bool(self.ssl_keyfile), "ssl_keyfile",
+                   f"a client certificate needs both {self.env_of('ssl_certfile')} and {self.env_of('ssl_keyfile')}")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            self.check(not path or os.path.isfile(path), name, "no such file")
         self.check(self.partitions >= 1, "partitions", "must be >= 1")
         self.check(bool(self.topic_prefix) and "." not in self.topic_prefix, "topic_prefix",
                    "must be a non-empty name without dots")
+
+
+    def client_options(self) -> dict:
+        """kafka-python keyword arguments shared by every producer, consumer and admin client."""
+        opts: dict = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            opts.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.sasl_password)
+        if self.security_protocol.endswith("SSL"):
+            opts.update(ssl_cafile=self.ssl_cafile or None, ssl_certfile=self.ssl_certfile or None,
+                        ssl_keyfile=self.ssl_keyfile or None, ssl_check_hostname=True)
+        return opts
 
 
 def markdown_table(configs) -> str:

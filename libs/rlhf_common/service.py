@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -29,7 +30,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from . import metrics as metrics_mod
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .grpc_server import Server, setup_logging
 from .loops import BackgroundLoop, first_error
 
@@ -47,6 +48,8 @@ class ServiceSpec:
     grace_s: float = 5.0
     join_timeout_s: float = 30.0
     config: list[Any] = field(default_factory=list)  # logged at start
+    # Largest gRPC request accepted (bytes); larger ones get RESOURCE_EXHAUSTED unread.
+    max_request_bytes: int = 4 << 20
 
 
 class Runtime:
@@ -113,7 +116,8 @@ async def serve(spec: ServiceSpec, build: Callable[[Runtime], Awaitable[None]]) 
     registry = CollectorRegistry()
     metrics = spec.metrics(registry)
     metrics_mod.serve(spec.server.metrics_port, registry, spec.server.host)
-    server = Server(spec.server.host, spec.server.port, spec.grpc_services, metrics, spec.interceptors)
+    server = Server(spec.server.host, spec.server.port, spec.grpc_services, metrics, spec.interceptors,
+                    max_request_bytes=spec.max_request_bytes, credentials=spec.server.grpc_credentials())
     rt = Runtime(spec, registry, metrics, server)
     try:
         await build(rt)
@@ -121,6 +125,16 @@ async def serve(spec: ServiceSpec, build: Callable[[Runtime], Awaitable[None]]) 
     finally:
         await rt.stop_loops()
         await rt.cleanup()
+
+
+def cli(main: Callable[[], None], name: str) -> None:
+    """Run a service's `main`: a configuration error ends it with one line that names the
+    variable and its value (exit status 2), not a traceback."""
+    try:
+        main()
+    except ConfigError as e:
+        print(f"{name}: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(spec: ServiceSpec, build: Callable[[Runtime], Awaitable[None]]) -> None:

@@ -3,9 +3,14 @@
 - Errors: every error body is `{"error": {"status", "message"}}`; domain errors map through
   `rlhf_common.errors.to_http`, and FastAPI's validation errors become 400 (not 422), so REST
   and gRPC agree on what a bad request is.
+- Authentication comes first: with API keys, a request to a protected path without a valid
+  key gets 401 before its body is read or validated (as over gRPC). More than one
+  Authorization header is refused.
 - Bodies over the configured size get 413 before they are read (when Content-Length is
   given) or while they are read; bodies that are not UTF-8 get 400.
-- Request counts and latency by route template and status.
+- Request counts and latency by route template and status; a client that leaves before any
+  response is counted with status 499 (client closed), not as a server error.
+- No redirects: `/v1/score/` is 404, never a 307 built from the client's Host header.
 - `/docs` is Swagger UI served from the `swagger-ui-bundle` wheel: no CDN, it works offline.
 """
 
@@ -117,6 +122,25 @@ class BodyGuard:
         return await self.app(scope, replay, send)
 
 
+class AuthGuard:
+    """ASGI middleware: requests to paths under `prefixes` need a configured bearer key,
+    checked before anything reads the body."""
+
+    def __init__(self, app, keys: ApiKeys, prefixes: tuple[str, ...]):
+        self.app = app
+        self.keys = keys
+        self.prefixes = prefixes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys.enabled and scope["path"].startswith(self.prefixes):
+            given = [v.decode("latin-1") for k, v in scope.get("headers") or () if k == b"authorization"]
+            try:
+                self.keys.check(given)
+            except errors.Unauthenticated as exc:
+                return await error_response(exc)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class RequestMetrics:
     """ASGI middleware: REST request counts by route template and status, and latency."""
 
@@ -128,7 +152,7 @@ class RequestMetrics:
         if scope["type"] != "http" or self.metrics is None:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500
+        status = 499  # until a response starts: a client that leaves first closed the request
 
         async def send_status(msg):
             nonlocal status
@@ -149,17 +173,18 @@ class RequestMetrics:
 def require_key(keys: ApiKeys):
     """A route dependency that lets a request in only with a configured bearer key."""
     async def check(request: Request) -> None:
-        keys.check(request.headers.get("authorization"))
+        keys.check(request.headers.getlist("authorization"))
 
     return Depends(check)
 
 
 def make_app(title: str, description: str, registry: CollectorRegistry, metrics: HttpMetrics | None,
-             max_body_bytes: int) -> FastAPI:
+             max_body_bytes: int, keys: ApiKeys | None = None, protected: tuple[str, ...] = ("/v1/",)) -> FastAPI:
     """The app with error handlers, /metrics, the offline /docs page and the middlewares;
-    the service adds its routes."""
+    the service adds its routes. With `keys`, paths under `protected` need a key before their
+    body is read."""
     app = FastAPI(title=title, version="v1", description=description, responses=ERROR_RESPONSES,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, redirect_slashes=False)
 
     @app.exception_handler(errors.RLHFError)
     async def _domain_error(request: Request, exc: errors.RLHFError):
@@ -195,7 +220,10 @@ def make_app(title: str, description: str, registry: CollectorRegistry, metrics:
     async def prometheus_metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    # Outermost first: metrics see every response, including the guard's 413s.
+    # Added innermost first: metrics see every response, including the guards' 401s and 413s;
+    # authentication runs before the body is read.
     app.add_middleware(BodyGuard, max_bytes=max_body_bytes)
+    if keys is not None:
+        app.add_middleware(AuthGuard, keys=keys, prefixes=protected)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

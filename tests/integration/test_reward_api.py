@@ -25,7 +25,8 @@ MAX_BODY = 4096
 
 def _cfg(reward, **kw) -> RewardConfig:
     return RewardConfig(server={"port": free_port(), "metrics_port": free_port()}, model=str(reward),
-                        http_port=free_port(), max_length=24, max_batch_items=8, max_body_bytes=MAX_BODY, subscribe_weights=False, **kw)
+                        http_port=free_port(), max_length=24, max_batch_items=8, max_body_bytes=MAX_BODY,
+                        max_item_chars=2000, max_request_tokens=120, subscribe_weights=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,10 @@ BAD_REST = [
     ("unknown field", "/v1/score", "json", {"items": [], "temperature": 1}, 400,
      "temperature: Extra inputs are not permitted"),
     ("not JSON", "/v1/score", "raw", b"{items: nope", 400, "JSON decode error"),
+    ("item over the character limit", "/v1/score", "json", {"items": [{"prompt": "p" * 2100, "response": "r"}]},
+     400, "2101 characters of prompt and response exceed the limit of 2000"),
+    ("request over the token limit", "/v1/score", "json", {"items": [{"prompt": "word " * 40, "response": "r"}] * 8},
+     400, "exceed the limit of 120 per request"),
     ("compare missing response", "/v1/compare", "json", {"prompt": "p", "response_a": "a"}, 400,
      "response_b: Field required"),
     ("compare empty text", "/v1/compare", "json", {"prompt": "", "response_a": "", "response_b": "b"}, 400,
@@ -118,12 +123,23 @@ def _score_request(items):
 
 # ScoreItem{prompt = b"\xff\xfe"} inside ScoreRequest.items, hand-encoded: bytes protobuf refuses as a string.
 _BAD_UTF8 = bytes([0x0A, 0x04, 0x0A, 0x02, 0xFF, 0xFE])
+_GOOD_ITEM = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt="a", response="b")]).SerializeToString()
+# Field 99 (varint) that ScoreRequest does not define.
+_UNKNOWN_FIELD = _GOOD_ITEM + b"\x98\x06\x01"
+# items[0].prompt (field 1, a string) sent as a number: protobuf would drop it and score "".
+_WRONG_WIRE_TYPE = bytes([0x0A, 0x05, 0x08, 0x05, 0x12, 0x01, 0x62])
 
 BAD_GRPC = [
     ("no items", lambda s, c: s.Score(_score_request([])), "at least one"),
     ("empty text", lambda s, c: s.Score(_score_request([("", "  ")])), "both empty"),
     ("too many items", lambda s, c: s.Score(_score_request([("p", "r")] * 9)), "exceed the limit of 8"),
     ("invalid UTF-8", lambda s, c: _raw_score(c, _BAD_UTF8), "not UTF-8"),
+    ("unknown field", lambda s, c: _raw_score(c, _UNKNOWN_FIELD), "unknown field or wrong wire type at #99"),
+    ("wrong wire type", lambda s, c: _raw_score(c, _WRONG_WIRE_TYPE), "wrong wire type at items[0].#1"),
+    ("item over the character limit", lambda s, c: s.Score(_score_request([("p" * 2500, "r")])),
+     "exceed the limit of 2000"),
+    ("request over the token limit", lambda s, c: s.Score(_score_request([("word " * 40, "r")] * 8)),
+     "exceed the limit of 120 per request"),
     ("compare empty text", lambda s, c: s.Compare(reward_pb2.CompareRequest(prompt="", response_a="",
                                                                             response_b="b")), "both empty"),
 ]
@@ -240,3 +256,45 @@ def test_grpc_health_stays_open_and_rejections_are_counted(keyed_service):
         _stub(keyed_service).Score(_score_request([("a", "b")]))
     assert metric_value(scrape(keyed_service.server.metrics_port), "rlhf_reward_requests_total",
                         {"method": "Score", "code": "UNAUTHENTICATED"}) == before + 1
+
+
+def test_grpc_request_over_the_byte_limit_is_refused_unread(open_service):
+    stub = _stub(open_service)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(_score_request([("p" * 1000, "r")] * 5))  # over MAX_BODY bytes
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(stub.Score(_score_request([("a", "b")])).results) == 1
+
+
+def test_two_credentials_are_refused_by_both_transports(keyed_service):
+    two = (("authorization", "Bearer test-key-0001"), ("authorization", "Bearer wrong-key-0000"))
+    for metadata in (two, tuple(reversed(two))):
+        with pytest.raises(grpc.RpcError) as e:
+            _stub(keyed_service).Score(_score_request([("a", "b")]), metadata=metadata)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in e.value.details()
+        r = httpx.post(_url(keyed_service, "/v1/score"), json=GOOD, headers=httpx.Headers(list(metadata)))
+        assert r.status_code == 401 and "2 authorization headers" in r.json()["error"]["message"]
+
+
+def test_rest_authenticates_before_it_reads_the_body(keyed_service):
+    for body in (b"{not json", b'{"items": [], "extra": 1}', b"x" * (MAX_BODY + 1)):
+        r = httpx.post(_url(keyed_service, "/v1/score"), content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401, (body[:20], r.text)
+
+
+def test_trailing_slash_is_not_redirected(open_service):
+    r = httpx.post(_url(open_service, "/v1/score/"), json=GOOD, headers={"host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_config_error_is_one_line_naming_the_variable(tiny_models):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RLHF_REWARD_MODEL": str(tiny_models[1]), "RLHF_REWARD_API_KEYS": "short"}
+    p = subprocess.run([sys.executable, "-m", "rlhf_reward"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("rlhf_reward: configuration error: RLHF_REWARD_API_KEYS='<key #1 of 1>'"), lines

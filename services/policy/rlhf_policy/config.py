@@ -31,6 +31,9 @@ class PolicyConfig(BaseConfig):
     record_generations: bool = setting(True, "RECORD_GENERATIONS",
                                        "Write every answer served through the API to rlhf.generations")
     seed: int = setting(0, "SEED", "vLLM seed")
+    max_prompt_chars: int = setting(65536, "MAX_PROMPT_CHARS",
+                                    "Most characters of an API prompt (or all its messages), refused before "
+                                    "tokenizing so one request cannot hold the tokenizer")
     max_in_flight: int = setting(256, "MAX_IN_FLIGHT",
                                  "API requests in flight at most; more are refused with RESOURCE_EXHAUSTED "
                                  "(rollouts are paced, not limited)")
@@ -46,6 +49,7 @@ class PolicyConfig(BaseConfig):
 
     def validate(self) -> None:
         self.check(bool(self.model), "model", "must name a model folder")
+        self.check(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
         self.check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         self.check(self.max_tokens < self.max_model_len, "max_tokens",
                    f"must be below {self.env_of('max_model_len')}={self.max_model_len}")

@@ -178,6 +178,16 @@ class PolicyEngine:
             raise InvalidInput(f"n={s.n}: must be in [1, 64]")
         if len(s.stop) > 16 or any(not x for x in s.stop):
             raise InvalidInput(f"stop={list(s.stop)!r}: at most 16 non-empty strings")
+        if s.n > 1 and s.temperature == 0:
+            raise InvalidInput(f"n={s.n} with temperature=0: greedy decoding gives n identical answers; "
+                               "use temperature > 0 or n=1")
+        try:
+            return self._vllm_params(SamplingParams, RequestOutputKind, s, stream)
+        except (ValueError, TypeError) as e:  # any other combination vLLM refuses is the caller's
+            raise InvalidInput(f"sampling parameters: {e}") from None
+
+    @staticmethod
+    def _vllm_params(SamplingParams, RequestOutputKind, s: Sampling, stream: bool):
         return SamplingParams(
             n=s.n,
             temperature=s.temperature,
@@ -214,6 +224,10 @@ class PolicyEngine:
 
     async def prompt_input(self, prompt: str, messages, max_tokens: int) -> tuple[str, dict]:
         """The rendered prompt text and its vLLM token input, computed off the event loop."""
+        chars = len(prompt) + sum(len(c) for _, c in messages)
+        if chars > self.cfg.max_prompt_chars:  # refused before any tokenizing
+            raise InvalidInput(f"prompt: {chars} characters exceed the limit of {self.cfg.max_prompt_chars}")
+
         def work():
             text = self.render(prompt, list(messages))
             return text, self.tokenize(text, max_tokens)

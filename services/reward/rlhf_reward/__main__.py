@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from rlhf.reward.v1 import reward_pb2_grpc
 from rlhf_common import service
 from rlhf_common.auth import ApiKeys, GrpcAuthInterceptor
 from rlhf_common.config import BusConfig
@@ -16,7 +17,7 @@ from .config import RewardConfig
 from .core import RewardCore, RewardModel
 from .metrics import RewardMetrics
 from .rest import make_app
-from .servicer import SERVICE, RewardServicer, add_to_server
+from .servicer import SERVICE, RewardServicer
 from .workers import RewardUpdater
 
 log = logging.getLogger("rlhf_reward")
@@ -29,13 +30,14 @@ def builder(cfg: RewardConfig, bus: BusConfig, keys: ApiKeys):
         model = await rt.blocking(RewardModel, cfg.model, cfg.max_length)
         shadow = await rt.blocking(RewardModel, cfg.shadow_model, cfg.max_length) if cfg.shadow_model else None
         core = RewardCore(model, m, max_batch_items=cfg.max_batch_items, max_batch_size=cfg.max_batch_size,
-                          max_wait_s=cfg.max_wait_ms / 1000, max_queue_items=cfg.max_queue_items, shadow=shadow)
+                          max_wait_s=cfg.max_wait_ms / 1000, max_queue_items=cfg.max_queue_items, shadow=shadow,
+                          max_item_chars=cfg.max_item_chars, max_request_tokens=cfg.max_request_tokens)
         await core.start()
         rt.on_stop(core.stop)
         log.info("model %s (version %s, max_length %d); shadow %s; API keys %s", model.model_dir, model.version,
                  model.max_length, shadow.version if shadow else "none",
                  f"required ({len(cfg.api_key_list)})" if keys.enabled else "not required")
-        add_to_server(RewardServicer(core), rt.grpc)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(core), rt.grpc)
         if cfg.http_port:
             await start_rest(rt, make_app(core, rt.registry, m, keys, cfg.max_body_bytes), cfg.server.host,
                              cfg.http_port)
@@ -50,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     bus = BusConfig.load()
     keys = ApiKeys(cfg.api_key_list)
     spec = service.ServiceSpec("reward", cfg.server, [SERVICE], RewardMetrics,
-                               interceptors=[GrpcAuthInterceptor(keys, SERVICE)], config=[cfg, bus])
+                               interceptors=[GrpcAuthInterceptor(keys, SERVICE)], config=[cfg, bus],
+                               max_request_bytes=cfg.max_body_bytes)
     service.run(spec, builder(cfg, bus, keys))
 
 
 if __name__ == "__main__":
-    main()
+    service.cli(main, "rlhf_reward")

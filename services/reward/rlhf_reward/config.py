@@ -26,7 +26,13 @@ class RewardConfig(BaseConfig):
                                  "Dynamic batching: longest a request waits for others to join its batch")
     max_queue_items: int = setting(4096, "MAX_QUEUE_ITEMS",
                                    "Items waiting to be scored before new requests are refused as overloaded")
-    max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES", "REST: largest request body accepted; larger ones get 413")
+    max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES",
+                                  "Largest request accepted, in bytes: a REST body (413 beyond) or a gRPC message "
+                                  "(RESOURCE_EXHAUSTED beyond)")
+    max_item_chars: int = setting(16384, "MAX_ITEM_CHARS",
+                                  "Most characters of prompt and response in one item, refused before tokenizing")
+    max_request_tokens: int = setting(65536, "MAX_REQUEST_TOKENS",
+                                      "Most tokens of one request after truncation (all its items together)")
     api_keys: str = setting("", "API_KEYS",
                             "Comma-separated API keys; when set, REST needs 'Authorization: Bearer <key>' and gRPC "
                             "the same 'authorization' metadata (health and /metrics stay open)", secret=True)
@@ -46,6 +52,9 @@ class RewardConfig(BaseConfig):
         self.check(self.max_queue_items >= self.max_batch_items, "max_queue_items",
                    f"must be >= {self.env_of('max_batch_items')}={self.max_batch_items}")
         self.check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+        self.check(self.max_item_chars >= 1, "max_item_chars", "must be >= 1")
+        self.check(self.max_request_tokens >= self.max_length, "max_request_tokens",
+                   f"must be >= {self.env_of('max_length')}={self.max_length}")
         self.check(bool(self.model_name), "model_name", "must not be empty")
         self.check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         bad = bad_key(self.api_key_list)

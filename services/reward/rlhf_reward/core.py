@@ -129,29 +129,58 @@ class RewardModel:
         self.max_padding = 0.25
         self._lock = threading.Lock()
 
-    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
-        """Blocking: call it from a worker thread, never from the event loop."""
+    def encode(self, items: list[ScoreItem]) -> "Encoded":
+        """Tokenize (blocking; on the tokenizer thread): truncated token ids per item."""
         enc, truncated = encode_pairs(self.tokenizer, [it.prompt for it in items], [it.response for it in items],
                                       self.max_length)
-        lengths = [len(ids) for ids in enc["input_ids"]]
-        scores = [0.0] * len(items)
+        rows = [{k: enc[k][i] for k in enc.keys()} for i in range(len(items))]
+        return Encoded(self, rows, truncated)
+
+    def forward(self, rows: list[dict], truncated: list[bool]) -> list[ScoreResult]:
+        """Score encoded items (blocking: call it from the model thread, never the event loop)."""
+        lengths = [len(r["input_ids"]) for r in rows]
+        scores = [0.0] * len(rows)
         with self._lock, torch.inference_mode():
             # On CPU the forward pass costs what its padded tokens cost: pairs of similar
             # length are run together so that padding stays small.
             for group in length_buckets(lengths, self.max_padding):
-                batch = self.tokenizer.pad([{k: enc[k][i] for k in enc.keys()} for i in group], return_tensors="pt")
+                batch = self.tokenizer.pad([rows[i] for i in group], return_tensors="pt")
                 for i, s in zip(group, self.model(**batch).logits[:, 0].tolist()):
                     scores[i] = s
         return [ScoreResult(float(s), t) for s, t in zip(scores, truncated)]
 
+    def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
+        """Tokenize and score in one blocking call."""
+        e = self.encode(items)
+        return self.forward(e.rows, e.truncated)
 
-def validate(items: list[ScoreItem], max_batch_items: int) -> None:
-    """Raise InvalidInput naming the first problem; the same rules for gRPC and REST."""
+
+@dataclass
+class Encoded:
+    """Items tokenized by one model's tokenizer."""
+
+    model: RewardModel
+    rows: list[dict]
+    truncated: list[bool]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["input_ids"]) for r in self.rows)
+
+
+def validate(items: list[ScoreItem], max_batch_items: int, max_item_chars: int | None = None) -> None:
+    """Raise InvalidInput naming the first problem; the same rules for gRPC and REST. Checked
+    before any tokenizing, so the work a request can cause is bounded up front."""
     if not items:
         raise InvalidInput("items: at least one (prompt, response) item is required")
     if len(items) > max_batch_items:
         raise InvalidInput(f"items: {len(items)} items exceed the limit of {max_batch_items}")
     for i, it in enumerate(items):
+        if max_item_chars is not None and isinstance(it.prompt, str) and isinstance(it.response, str):
+            chars = len(it.prompt) + len(it.response)
+            if chars > max_item_chars:
+                raise InvalidInput(f"items[{i}]: {chars} characters of prompt and response exceed the limit of "
+                                   f"{max_item_chars}")
         for name in ("prompt", "response"):
             text = getattr(it, name)
             if not isinstance(text, str):
@@ -170,6 +199,7 @@ def validate(items: list[ScoreItem], max_batch_items: int) -> None:
 @dataclass
 class _Pending:
     items: list[ScoreItem]
+    encoded: Encoded
     future: asyncio.Future
     enqueued: float
 
@@ -177,15 +207,19 @@ class _Pending:
 class RewardCore:
     """Dynamic batching over a hot-swappable live model, with an optional shadow model.
 
-    Requests queue on the event loop; one batching task takes every request that arrives
-    within `max_wait_s` of the oldest one, up to `max_batch_size` items (a request is never
-    split across batches), and scores them in a single forward pass on a dedicated worker
-    thread. Each batch reads the live model once, so every response comes from one version.
+    A request is checked (items, characters) before any work, tokenized on a tokenizer
+    thread of its own (so a long text never holds the model thread), and refused when its
+    tokens exceed `max_request_tokens`. Requests then queue on the event loop; one batching
+    task takes every request that arrives within `max_wait_s` of the oldest one, up to
+    `max_batch_size` items (a request is never split across batches), and scores them on a
+    dedicated model thread. Each batch reads the live model once, so every response comes
+    from one version. A request whose caller has gone away is dropped before its forward pass.
     """
 
     def __init__(self, model: RewardModel, metrics: RewardMetrics | None = None, *, max_batch_items: int = 256,
                  max_batch_size: int = 32, max_wait_s: float = 0.005, max_queue_items: int = 4096,
-                 shadow: RewardModel | None = None, max_shadow_backlog: int = 4):
+                 shadow: RewardModel | None = None, max_shadow_backlog: int = 4, max_item_chars: int = 16384,
+                 max_request_tokens: int = 65536):
         self._live = model
         self.shadow = shadow
         self.metrics = metrics
@@ -193,12 +227,15 @@ class RewardCore:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
+        self.max_item_chars = max_item_chars
+        self.max_request_tokens = max_request_tokens
         self.stats = RunningStats()
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenizer")
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="reward-shadow")
         self._shadow_backlog = 0
         self._shadow_lock = threading.Lock()
@@ -224,6 +261,7 @@ class RewardCore:
             if not p.future.done():
                 p.future.set_exception(NotReady("reward service is stopping"))
         self._executor.shutdown(wait=True)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
         self._shadow_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the API the servicers use ----------------------------------------------------
@@ -233,7 +271,7 @@ class RewardCore:
         return self._live
 
     def validate(self, items: list[ScoreItem]) -> None:
-        validate(items, self.max_batch_items)
+        validate(items, self.max_batch_items, self.max_item_chars)
 
     async def score(self, items: list[ScoreItem]) -> ScoreOutput:
         self.validate(items)
@@ -242,9 +280,21 @@ class RewardCore:
         if self._queued_items + len(items) > self.max_queue_items:
             raise Overloaded(f"{self._queued_items} items already queued (limit {self.max_queue_items}); "
                              "retry later")
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(list(items), fut, time.perf_counter()))
+        # Admitted items count against the queue from here (tokenizing included).
         self._queued_items += len(items)
+        self._set_queued_gauge()
+        loop = asyncio.get_running_loop()
+        try:
+            encoded = await loop.run_in_executor(self._tokenizer, self._live.encode, list(items))
+            if encoded.tokens > self.max_request_tokens:
+                raise InvalidInput(f"items: {encoded.tokens} tokens (after truncation to {encoded.model.max_length} "
+                                   f"per item) exceed the limit of {self.max_request_tokens} per request")
+        except BaseException:
+            self._queued_items -= len(items)
+            self._set_queued_gauge()
+            raise
+        fut = loop.create_future()
+        self._queue.append(_Pending(list(items), encoded, fut, time.perf_counter()))
         self._set_queued_gauge()
         self._wake.set()
         return await fut
@@ -317,22 +367,45 @@ class RewardCore:
             items = [it for p in batch for it in p.items]
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._score_chunks, model, items)
+                results = await loop.run_in_executor(self._executor, self._score_batch, model, batch)
             except Exception as e:  # reported to every caller of the batch, then go on
                 log.exception("scoring a batch of %d items failed", len(items))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
                 continue
-            self._observe(model, batch, results, t0)
+            served: list[tuple[_Pending, list[ScoreResult]]] = []
             i = 0
             for p in batch:
                 part = results[i:i + len(p.items)]
                 i += len(p.items)
-                if not p.future.done():
+                if not p.future.done():  # a caller that left may have had its forward pass skipped
                     p.future.set_result(ScoreOutput(part, model.version))
+                    served.append((p, part))
+            if not served:
+                continue
+            done = [r for _, part in served for r in part]
+            self._observe(model, [p for p, _ in served], done, t0)
             if self.shadow is not None:
-                self._submit_shadow(items, [r.score for r in results])
+                self._submit_shadow([it for p, _ in served for it in p.items], [r.score for r in done])
+
+    def _score_batch(self, model: RewardModel, batch: list[_Pending]) -> list[ScoreResult]:
+        """Model thread: each request's encoding (re-done if a swap changed the model since),
+        in forward passes of at most `max_batch_size`, skipping requests whose caller left."""
+        rows, truncated, owners = [], [], []
+        for p in batch:
+            e = p.encoded if p.encoded.model is model else model.encode(p.items)
+            rows += e.rows
+            truncated += e.truncated
+            owners += [p] * len(e.rows)
+        out: list[ScoreResult] = []
+        for i in range(0, len(rows), self.max_batch_size):
+            part = slice(i, i + self.max_batch_size)
+            if all(p.future.done() for p in owners[part]):  # nobody waits for these
+                out += [ScoreResult(float("nan"), t) for t in truncated[part]]
+                continue
+            out += model.forward(rows[part], truncated[part])
+        return out
 
     def _score_chunks(self, model: RewardModel, items: list[ScoreItem]) -> list[ScoreResult]:
         # A single request may hold more items than a forward pass takes.

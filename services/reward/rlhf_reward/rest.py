@@ -77,7 +77,7 @@ def make_app(core: RewardCore, registry: CollectorRegistry, metrics: RewardMetri
         "Reward-model scoring. Same model, batching and versions as the gRPC "
         "`rlhf.reward.v1.RewardService`. When API keys are configured, `/v1/*` needs "
         "`Authorization: Bearer <key>`; `/healthz` and `/metrics` stay open.",
-        registry, metrics, max_body_bytes)
+        registry, metrics, max_body_bytes, keys=keys)
     auth = [require_key(keys)]
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=auth, tags=["reward"],

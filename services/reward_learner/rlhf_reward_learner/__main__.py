@@ -39,4 +39,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    service.cli(main, "rlhf_reward_learner")
