@@ -23,6 +23,7 @@ from kafka.structs import OffsetAndMetadata
 from rlhf.events.v1 import events_pb2
 
 from .config import BusConfig
+from .loops import BackgroundLoop
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,39 @@ class Producer:
 
     def close(self) -> None:
         self._p.close(timeout=self.timeout_s)
+
+
+class BrokerWatch(BackgroundLoop):
+    """Asks the broker for its cluster metadata every `every_s`; `unreachable()` says why the
+    last ask failed (a readiness condition for services whose API needs the broker)."""
+
+    def __init__(self, cfg: BusConfig, client_id: str, every_s: float = 2.0, timeout_s: float = 3.0):
+        super().__init__(client_id)
+        self.cfg, self.client_id, self.every_s, self.timeout_s = cfg, client_id, every_s, timeout_s
+        self._why: str | None = "broker not contacted yet"
+
+    def unreachable(self) -> str | None:
+        return self._why
+
+    def loop_body(self) -> None:
+        admin = None
+        while not self.stopping.is_set():
+            try:
+                if admin is None:
+                    admin = KafkaAdminClient(client_id=self.client_id, request_timeout_ms=int(self.timeout_s * 1000),
+                                             **self.cfg.client_options())
+                admin.describe_cluster()
+                self._why = None
+            except Exception as e:  # any failure to get an answer means not reachable
+                if self._why is None:
+                    log.warning("broker at %s unreachable: %s", self.cfg.bootstrap, e)
+                self._why = f"broker at {self.cfg.bootstrap} unreachable ({type(e).__name__})"
+                if admin is not None:
+                    admin.close()
+                    admin = None
+            self.stopping.wait(self.every_s)
+        if admin is not None:
+            admin.close()
 
 
 @dataclass
@@ -240,6 +274,14 @@ class Consumer(Generic[M]):
         """Commit explicit next-offsets by partition number."""
         if offsets:
             self._c.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+
+    def end_offsets(self) -> dict[int, int]:
+        """Per partition, the offset the next record written will get."""
+        return {tp.partition: o for tp, o in self._c.end_offsets(self.partitions).items()}
+
+    def positions(self) -> dict[int, int]:
+        """Per partition, the offset of the next record this consumer will read."""
+        return {tp.partition: self._c.position(tp) for tp in self.partitions}
 
     def committed(self) -> dict[int, int | None]:
         return {tp.partition: self._c.committed(tp) for tp in self.partitions}

@@ -51,3 +51,15 @@ def publish_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
     fsync_dir(final.parent)
+
+
+def remove_unfinished(folder: Path) -> list[Path]:
+    """Delete the `*.tmp-<pid>` folders a killed writer left in `folder`; returns them.
+    Only a model's one writer calls this, at its start, when no save of its own is running."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = [p for p in folder.iterdir() if p.is_dir() and ".tmp-" in p.name]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

@@ -216,15 +216,30 @@ class Server:
                 await res
 
     async def run(self, on_stop: Callable[[], Awaitable[None]] | None = None, grace_s: float = 5.0,
-                  watch: Callable[[], BaseException | None] | None = None) -> None:
-        """Start, mark SERVING, and wait for SIGTERM/SIGINT; then drain and stop.
+                  watch: Callable[[], BaseException | None] | None = None,
+                  ready: Callable[[], str | None] | None = None) -> None:
+        """Start, mark SERVING when ready, and wait for SIGTERM/SIGINT; then drain and stop.
 
-        `watch` is polled twice a second; when it returns an exception (a background loop
-        died), the service turns NOT_SERVING, stops, and exits with status 1 so that its
-        supervisor restarts it from the last committed state.
+        `ready` is polled twice a second and returns why the service cannot serve yet (or
+        None): health follows it, SERVING or NOT_SERVING. `watch` is polled as often; when it
+        returns an exception (a background loop died), the service turns NOT_SERVING, stops,
+        and exits with status 1 so that its supervisor restarts it from the last committed state.
         """
         await self.server.start()
-        await self.set_serving(True)
+        serving: bool | None = None
+
+        async def follow_readiness() -> None:
+            nonlocal serving
+            why = ready() if ready is not None else None
+            if serving is None or serving != (why is None):
+                serving = why is None
+                await self.set_serving(serving)
+                if serving:
+                    log.info("ready: health is SERVING")
+                else:
+                    log.warning("not ready (%s): health is NOT_SERVING", why)
+
+        await follow_readiness()
         log.info("gRPC listening on %s:%d", self.host, self.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -239,6 +254,7 @@ class Server:
             if watch is not None and (failure := watch()) is not None:
                 log.error("background loop failed, stopping: %r", failure)
                 break
+            await follow_readiness()
         log.info("stopping (grace %.1fs)", grace_s)
         await self.set_serving(False)
         if on_stop is not None:

@@ -13,7 +13,8 @@ that only builds the service's own parts:
     service.run(ServiceSpec("mine", cfg.server, [SERVICE_NAME], MyMetrics), build)
 
 The gRPC port is bound before `build` runs, so nothing else can take it while models load;
-health answers SERVING only once `build` has returned. If a background loop dies, the
+health answers SERVING only once `build` has returned and every readiness condition added
+with `rt.ready_when` holds (for example: weights caught up, broker reachable). If a background loop dies, the
 service turns NOT_SERVING and exits 1 so that its supervisor restarts it.
 """
 
@@ -62,6 +63,7 @@ class Runtime:
         self.loops: list[BackgroundLoop] = []
         self._cleanups: list[Callable[[], Any]] = []
         self._watches: list[Callable[[], BaseException | None]] = []
+        self._readiness: list[Callable[[], str | None]] = []
         self._stopped = False
 
     @property
@@ -82,6 +84,14 @@ class Runtime:
     def watch(self, check: Callable[[], BaseException | None]) -> None:
         """Another failure source: the service stops when `check` returns an exception."""
         self._watches.append(check)
+
+    def ready_when(self, check: Callable[[], str | None]) -> None:
+        """A readiness condition: `check` returns why the service cannot serve now, or None.
+        Health is SERVING only while every condition holds (polled twice a second)."""
+        self._readiness.append(check)
+
+    def not_ready(self) -> str | None:
+        return next((why for c in self._readiness if (why := c()) is not None), None)
 
     def on_stop(self, fn: Callable[[], Any]) -> None:
         """A cleanup (plain or async) run at stop after the loops have ended, last added first."""
@@ -121,7 +131,7 @@ async def serve(spec: ServiceSpec, build: Callable[[Runtime], Awaitable[None]]) 
     rt = Runtime(spec, registry, metrics, server)
     try:
         await build(rt)
-        await server.run(on_stop=rt.stop_loops, grace_s=spec.grace_s, watch=rt.first_error)
+        await server.run(on_stop=rt.stop_loops, grace_s=spec.grace_s, watch=rt.first_error, ready=rt.not_ready)
     finally:
         await rt.stop_loops()
         await rt.cleanup()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IncompatibleWeights, WeightsCorrupt
-from .fsutil import publish_dir
+from .fsutil import publish_dir, remove_unfinished
 
 MANIFEST = "rlhf_manifest.json"
 LINEAGE = "lineage.jsonl"
@@ -106,6 +106,11 @@ class WeightStore:
 
     def folder(self, model_name: str, version: int) -> Path:
         return self.root / model_name / f"v{version:08d}"
+
+    def remove_unfinished(self, model_name: str) -> list[Path]:
+        """Delete saves of `model_name` that a killed writer never finished (its one writer
+        calls this at start)."""
+        return remove_unfinished(self.root / model_name)
 
     def save(self, model, tokenizer, model_name: str, version: int, step: int,
              extra: dict | None = None) -> Checkpoint:

@@ -1,8 +1,11 @@
 """The one follower of the rlhf.weights topic: every service that swaps models uses it.
 
-It reads the compacted topic from the beginning (so a restarted replica sees the latest
-update of each model), and hands every update for the given model names to a callback, on
-its own thread. The callback decides what an update means (apply, skip as old, refresh).
+It reads the compacted topic from the beginning, so that a restarted replica finds the
+latest update of each model; while it catches up with what was on the topic when it
+connected, it keeps only the newest update per model and hands over that one (a replica
+that restarts late never replays versions long since pruned). After that it hands every
+update for the given model names to a callback, on its own thread. `caught_up` is set once
+the callback has had the newest update of each model: a service's readiness waits for it. The callback decides what an update means (apply, skip as old, refresh).
 While the broker is away, at start or later, the follower logs and tries again: the
 service keeps serving what it has. An exception from the callback ends the follower, and
 with it the service (exit 1), so that its supervisor restarts it from committed state.
@@ -57,13 +60,28 @@ class WeightsFollower(BackgroundLoop):
                 self.stopping.wait(self.retry_s)
                 continue
             try:
-                while not self.stopping.is_set():
-                    got = False
-                    for rec in c.poll(timeout_ms=200):
-                        got = True
-                        if rec.record.model_name in self.model_names:
-                            self.on_update(rec.record)
-                    if not got:
-                        self.caught_up.set()
+                self._follow(c)
+            except (KafkaError, ConnectionError) as e:
+                log.warning("lost %s at %s (%s); reconnecting in %.0fs", c.topic, self.bus.bootstrap, e, self.retry_s)
+                self.stopping.wait(self.retry_s)
             finally:
                 c.close()
+
+    def _follow(self, c: Consumer) -> None:
+        ends = c.end_offsets()
+        newest: dict[str, events_pb2.WeightUpdate] = {}  # while catching up: the last update per model
+        catching_up = True
+        while not self.stopping.is_set():
+            for rec in c.poll(timeout_ms=200):
+                if rec.record.model_name not in self.model_names:
+                    continue
+                if catching_up:
+                    newest[rec.record.model_name] = rec.record
+                else:
+                    self.on_update(rec.record)
+            if catching_up and all(pos >= ends.get(p, 0) for p, pos in c.positions().items()):
+                for u in newest.values():
+                    self.on_update(u)
+                catching_up = False
+                newest.clear()
+                self.caught_up.set()

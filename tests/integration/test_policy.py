@@ -168,6 +168,11 @@ def test_chat_messages_use_the_chat_template(policy_stack):
     # top_p outside (0, 1] reaches the engine's check instead of being rewritten to 1.0
     (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(top_p=1.5)), "top_p=1.5"),
     (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(top_p=-0.5)), "top_p=-0.5"),
+    # greedy decoding with n > 1 is the caller's mistake, not an internal error
+    (policy_pb2.GenerateRequest(prompt="x", sampling=policy_pb2.SamplingParams(n=3, temperature=0.0)),
+     "n=3 with temperature=0"),
+    # refused by its length in characters, before any tokenizing
+    (policy_pb2.GenerateRequest(prompt="c" * 70_000), "70000 characters exceed the limit of 65536"),
 ])
 def test_bad_requests_are_invalid_argument(policy_stack, request_, needle):
     _, stub = policy_stack

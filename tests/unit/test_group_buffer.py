@@ -29,3 +29,22 @@ def test_safe_offsets_never_skip_incomplete_groups():
     b.add(_rec("a", 1, 2, 3))
     taken = [r for g in b.take(1) for r in g]
     assert b.safe_offsets(taken) == {0: 4}
+
+
+def test_a_prompt_resampled_after_a_policy_crash_is_trained_once():
+    # The policy wrote a's group, died before committing the prompt offset, and sampled a again
+    # after its restart: new rollout ids, same prompt id.
+    b = GroupBuffer()
+    for rec in [_rec("a", 0, 2, 0), _rec("a", 1, 2, 1), _rec("a", 0, 2, 2), _rec("a", 1, 2, 3), _rec("b", 0, 1, 4)]:
+        b.add(rec)
+    assert [[r.offset for r in g] for g in b.complete] == [[0, 1], [4]]
+    assert b.repeated == 2
+    taken = [r for g in b.take(2) for r in g]
+    assert b.safe_offsets(taken) == {0: 5}  # the dropped repeats are not held back either
+
+
+def test_prompts_taken_before_a_restart_stay_done():
+    b = GroupBuffer(done_prompts=["a"])
+    for rec in [_rec("a", 0, 1, 7), _rec("c", 0, 1, 8)]:
+        b.add(rec)
+    assert [[r.record.prompt_id for r in g] for g in b.complete] == [["c"]] and b.repeated == 1

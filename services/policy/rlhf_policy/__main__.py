@@ -6,7 +6,7 @@ import sys
 
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 from rlhf_common import service
-from rlhf_common.bus import ensure_topics
+from rlhf_common.bus import BrokerWatch, ensure_topics
 from rlhf_common.config import BusConfig
 
 from .config import PolicyConfig
@@ -36,6 +36,12 @@ def builder(cfg: PolicyConfig, bus: BusConfig):
             PolicyServicer(engine, m, recorder.record if recorder else None), rt.grpc)
         weights = WeightApplier(cfg, bus, engine, m, rt.loop)
         rt.start_loop(weights.follower)
+        # Ready once the newest weights on rlhf.weights are served (a restarted replica never
+        # answers with old ones), and while the broker that records its answers is reachable.
+        rt.ready_when(lambda: None if weights.follower.caught_up.is_set() else "catching up with rlhf.weights")
+        if recorder is not None:
+            broker = rt.start_loop(BrokerWatch(bus, "policy-broker-watch"))
+            rt.ready_when(broker.unreachable)
         if cfg.rollout_enabled:
             rt.start_loop(RolloutWorker(cfg, bus, engine, m, rt.loop, weights))
 

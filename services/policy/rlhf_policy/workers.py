@@ -18,6 +18,7 @@ import uuid
 
 from rlhf.events.v1 import events_pb2
 
+from rlhf_common import failpoints
 from rlhf_common.bus import Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig
 from rlhf_common.errors import InvalidInput
@@ -130,6 +131,7 @@ class RolloutWorker(BackgroundLoop):
                         c.reject(rec, e)
                         continue
                     self._write(rec.record, gen, out)
+                failpoints.reached("policy.rollouts_written")
                 c.commit(recs)
         finally:
             c.close()
@@ -142,6 +144,7 @@ class RolloutWorker(BackgroundLoop):
 
     def _write(self, p: events_pb2.Prompt, gen, out: Producer) -> None:
         topic = Topics(self.bus.topic_prefix).rollouts
+        sent = []
         for i, c in enumerate(gen.completions):
             r = events_pb2.Rollout(
                 rollout_id=uuid.uuid4().hex,
@@ -158,8 +161,11 @@ class RolloutWorker(BackgroundLoop):
                 finish_reason=c.finish_reason,
                 created_unix_ms=now_ms(),
             )
-            out.send(topic, p.prompt_id, r, wait=False)
+            sent.append(out.send(topic, p.prompt_id, r, wait=False))
         out.flush()
+        failed = next((f.exception for f in sent if not f.succeeded()), None)
+        if failed is not None:  # the prompt stays uncommitted; the restarted worker samples it again
+            raise RuntimeError(f"rollouts of prompt {p.prompt_id} were not acknowledged: {failed}")
         self.groups_emitted += 1
         self.metrics.groups_ahead.set(self._ahead())
         self.metrics.rollouts.inc(len(gen.completions))

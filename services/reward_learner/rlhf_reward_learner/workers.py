@@ -54,8 +54,12 @@ class LearnLoop(BackgroundLoop):
         self.settings = TrainSettings(lr=cfg.lr, epochs=cfg.epochs, batch_pairs=cfg.batch_size,
                                       point_weight=cfg.point_weight, max_length=cfg.max_length,
                                       min_heldout_pairs=cfg.min_heldout_pairs, seed=cfg.seed)
-        self.book = ExampleBook(cfg.held_out_fraction, cfg.min_rating_gap, max_examples=cfg.max_examples)
+        self.book = ExampleBook(cfg.held_out_fraction, cfg.min_rating_gap, max_examples=cfg.max_examples,
+                                ai_weight=cfg.ai_weight)
         self.store = WeightStore(cfg.weight_store)
+        # The reward model's one writer: saves a killed predecessor left half-done go.
+        for p in self.store.remove_unfinished(cfg.model_name):
+            log.warning("removed an unfinished save: %s", p)
         self.progress = Progress()
         self.requests: queue.Queue[concurrent.futures.Future] = queue.Queue()
         self.learned: set[str] = set()  # label ids some published version learned from

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_common.fsutil import publish_dir
+from rlhf_common.fsutil import publish_dir, remove_unfinished
 
 
 @dataclass
@@ -39,6 +39,10 @@ class CheckpointStore:
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
         self.keep = keep
+
+    def remove_unfinished(self) -> list[Path]:
+        """Delete training states a killed trainer never finished saving."""
+        return remove_unfinished(self.root)
 
     def folder(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"

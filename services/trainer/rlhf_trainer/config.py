@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -22,6 +23,11 @@ class TrainerConfig(BaseConfig):
                                  "Published versions kept in the weight store; older ones are deleted (0 = keep all)")
     reward_addr: str = setting("127.0.0.1:50052", "REWARD_ADDR", "RewardService address")
     reference_addr: str = setting("127.0.0.1:50053", "REFERENCE_ADDR", "ReferenceService address")
+    rpc_retry_s: float = setting(300.0, "RPC_RETRY_S",
+                                 "How long transient reward/reference errors (UNAVAILABLE, DEADLINE_EXCEEDED, "
+                                 "RESOURCE_EXHAUSTED) are retried with back-off before the trainer exits")
+    tls_ca_file: str = setting("", "TLS_CA_FILE", "PEM CA that signs the reward and reference services' TLS "
+                               "certificates (empty = plaintext gRPC)")
     algorithm: str = setting("grpo", "ALGORITHM",
                              f"Policy optimisation, a registered algorithm: {', '.join(ALGORITHMS.names())} "
                              "(ppo: value head + GAE)")
@@ -82,6 +88,8 @@ class TrainerConfig(BaseConfig):
     def validate(self) -> None:
         self.check(bool(self.model), "model", "must name a model folder")
         self.check(bool(self.weight_store), "weight_store", "must name a directory")
+        self.check(self.rpc_retry_s >= 0, "rpc_retry_s", "must be >= 0")
+        self.check(not self.tls_ca_file or os.path.isfile(self.tls_ca_file), "tls_ca_file", "no such file")
         self.check(self.algorithm in ALGORITHMS.names(), "algorithm", f"must be one of {ALGORITHMS.names()}")
         self.check(self.groups_per_step >= 1, "groups_per_step", "must be >= 1")
         self.check(self.label_step_every >= 1, "label_step_every", "must be >= 1")

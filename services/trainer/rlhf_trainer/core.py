@@ -18,19 +18,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 
 from rlhf.events.v1 import events_pb2
 
+from rlhf_common import failpoints
 from rlhf_common.bus import Consumer, Producer, Received, now_ms
 from rlhf_common.config import BusConfig
+from rlhf_common.errors import InvalidInput
 from rlhf_common.loops import BackgroundLoop
 from rlhf_common.text import pad_id
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
 
 from .checkpoint import CheckpointStore, TrainerState
-from .clients import ReferenceClient, RewardClient
+from .clients import TRANSIENT, ReferenceClient, RewardClient
 from .config import TrainerConfig
 from .labels import PairBuffer
 from .learner import LearnerConfig, PolicyLearner, PreferenceBatch, RolloutBatch
@@ -73,21 +76,56 @@ class Progress:
     groups_consumed: int
 
 
-class GroupBuffer:
-    """Collects rollouts into complete prompt groups, keeping arrival order."""
+def rollout_problem(r: events_pb2.Rollout, vocab: int) -> str | None:
+    """Why a well-formed rollout cannot be trained on, or None."""
+    for name in ("prompt_token_ids", "response_token_ids"):
+        bad = next((t for t in getattr(r, name) if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"{name} holds {bad}, outside the vocabulary of {vocab}"
+    if len(r.behaviour_logprobs) != len(r.response_token_ids):
+        return (f"{len(r.behaviour_logprobs)} behaviour log-probs for {len(r.response_token_ids)} response "
+                "tokens")
+    if any(not (lp <= 0.0) for lp in r.behaviour_logprobs):  # NaN fails too
+        return "behaviour log-probs must be finite and <= 0"
+    if not 0 <= r.group_index < max(1, r.group_size):
+        return f"group_index {r.group_index} outside group_size {r.group_size}"
+    if not r.prompt_token_ids:
+        return "no prompt tokens"
+    return None
 
-    def __init__(self):
+
+class GroupBuffer:
+    """Collects rollouts into complete prompt groups, keeping arrival order.
+
+    At most one complete group per prompt is ever handed out: a policy that crashed after
+    writing a group's rollouts but before committing its prompt offset samples the prompt
+    again after its restart (new rollout ids), and that second group is dropped here.
+    The prompts of the groups taken are kept in the training state and given back here
+    (`done_prompts`), so this holds across trainer restarts too.
+    """
+
+    def __init__(self, done_prompts=()):
         self.pending: dict[str, list[Received]] = {}
         self.complete: list[list[Received]] = []
+        self.done_prompts: collections.deque[str] = collections.deque(done_prompts, maxlen=TRAINED_IDS_KEPT)
+        self._done = set(self.done_prompts)
+        self.repeated = 0  # rollouts dropped because their prompt already had a complete group
 
     def add(self, r: Received) -> None:
         key = r.record.prompt_id
+        if key in self._done:
+            self.repeated += 1
+            return
         group = self.pending.setdefault(key, [])
         if any(g.record.group_index == r.record.group_index for g in group):
             return  # same sample re-sent under a new id: keep the first
         group.append(r)
         if len(group) >= max(1, r.record.group_size):
             self.complete.append(self.pending.pop(key))
+            if len(self.done_prompts) == self.done_prompts.maxlen:
+                self._done.discard(self.done_prompts[0])
+            self.done_prompts.append(key)
+            self._done.add(key)
 
     def take(self, k: int) -> list[list[Received]]:
         out, self.complete = self.complete[:k], self.complete[k:]
@@ -127,6 +165,9 @@ class Trainer:
         self.store = WeightStore(cfg.weight_store)
         self.checkpoints = CheckpointStore(Path(cfg.weight_store) / f"{cfg.model_name}-trainer-state",
                                            keep=cfg.keep_checkpoints)
+        # This trainer is the model's one writer: saves a killed predecessor left half-done go.
+        for p in self.store.remove_unfinished(cfg.model_name) + self.checkpoints.remove_unfinished():
+            log.warning("removed an unfinished save: %s", p)
         self.step = 0
         self.version = 0
         self.rollouts_consumed = 0
@@ -135,6 +176,8 @@ class Trainer:
         self.trained_ids: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
         self.label_offsets: dict[int, int] = {}
         self.trained_labels: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        # Prompts whose group was taken (see GroupBuffer); saved with the training state.
+        self.taken_prompts: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
         self.label_pairs_trained = 0
         self.whitener = RewardWhitener()
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
@@ -153,6 +196,7 @@ class Trainer:
                 self.whitener.load_state_dict(st.extra["whitener"])
             self.label_offsets = dict(st.extra.get("label_offsets", {}))
             self.trained_labels.extend(st.extra.get("trained_labels", []))
+            self.taken_prompts.extend(st.extra.get("done_prompts", []))
             self.label_pairs_trained = int(st.extra.get("label_pairs_trained", 0))
             log.info("resumed from step %d (v%d), offsets %s", st.step, st.version, st.offsets)
         newest = self.store.latest(cfg.model_name)
@@ -212,10 +256,11 @@ class Trainer:
         if self.resumed_from is not None:
             st = self.resumed_from
             self._announce(producer, topics.weights, st.version, st.weights_path, st.weights_sha256)
-        reward = RewardClient(self.cfg.reward_addr)
-        reference = ReferenceClient(self.cfg.reference_addr)
+        reward = RewardClient(self.cfg.reward_addr, retry_s=self.cfg.rpc_retry_s, tls_ca_file=self.cfg.tls_ca_file)
+        reference = ReferenceClient(self.cfg.reference_addr, retry_s=self.cfg.rpc_retry_s,
+                                    tls_ca_file=self.cfg.tls_ca_file)
         self.evaluator = self._make_evaluator(reward)
-        buf = GroupBuffer()
+        buf = GroupBuffer(self.taken_prompts)
         pairs = PairBuffer(self.tokenizer, self.cfg.max_pair_tokens)
         rl_steps_since_labels = 0
         try:
@@ -238,10 +283,11 @@ class Trainer:
                     continue
                 t_wait = time.perf_counter()
                 while len(buf.complete) < self.cfg.groups_per_step and not self.stopping.is_set():
-                    dup_before = consumer.duplicates
+                    dup_before, rep_before = consumer.duplicates, buf.repeated
                     for rec in consumer.poll(timeout_ms=200):
                         buf.add(rec)
                     self.metrics.duplicates.inc(consumer.duplicates - dup_before)
+                    self.metrics.repeated_groups.inc(buf.repeated - rep_before)
                     if labels is not None:
                         self._read_labels(labels, pairs, timeout_ms=0)
                 if self.stopping.is_set():
@@ -249,6 +295,8 @@ class Trainer:
                 self.metrics.phase_seconds.labels("wait").observe(time.perf_counter() - t_wait)
                 groups = buf.take(self.cfg.groups_per_step)
                 taken = [r for g in groups for r in g]
+                n_groups = len(groups)  # dead-lettered ones count as consumed, for the policy's pacing
+                groups = self._drop_invalid(groups, consumer)
                 fresh = [r.record for g in groups if self.version - g[0].record.policy_version
                          <= self.cfg.max_staleness for r in g]
                 self.metrics.stale.inc(len(taken) - len(fresh))
@@ -256,18 +304,27 @@ class Trainer:
                     kept = [r for r in fresh if r.prompt_text not in self.evaluator.heldout]
                     self.metrics.heldout_skipped.inc(len(fresh) - len(kept))
                     fresh = kept
-                self.groups_consumed += len(groups)
+                self.groups_consumed += n_groups
                 self.offsets.update(buf.safe_offsets(taken))
                 self.trained_ids.extend(r.record.rollout_id for r in taken)
+                self.taken_prompts.extend(g[0].record.prompt_id for g in groups)
                 if labels is not None:
                     self.label_offsets.update(pairs.safe_offsets())
                 if fresh:
                     with self._state_lock:
-                        stats = self.train_step(fresh, reward, reference)
-                        self.save_and_publish(producer, topics.weights, stats)
+                        try:
+                            stats = self.train_step(fresh, reward, reference)
+                        except grpc.RpcError as e:
+                            if e.code() in TRANSIENT:
+                                raise
+                            fresh = self._drop_refused(groups, fresh, reward, reference, consumer)
+                            stats = self.train_step(fresh, reward, reference) if fresh else None
+                        if stats is not None:
+                            self.save_and_publish(producer, topics.weights, stats)
                     rl_steps_since_labels += 1
                     if self.evaluator is not None and self.step % self.cfg.eval_every == 0:
                         self.run_eval(reward, reference)
+                failpoints.reached("trainer.weights_published")
                 consumer.commit_offsets(self.offsets)
                 self.progress = self._progress()
         finally:
@@ -316,6 +373,50 @@ class Trainer:
             value_loss=0.0, kl_beta=self.cfg.preference_beta, response_length_mean=n_tokens / (2 * len(batch)),
             version_lag_mean=0.0, step_seconds=time.perf_counter() - t0, rollouts=0, kind="labels", label_ids=ids)
 
+    def _drop_invalid(self, groups: list[list[Received]], consumer: Consumer) -> list[list[Received]]:
+        """Dead-letter every group holding a rollout that cannot be trained on as it stands
+        (token ids outside the vocabulary, log-probs that do not match the tokens); keep the rest."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        kept = []
+        for g in groups:
+            why = next((w for r in g if (w := rollout_problem(r.record, vocab)) is not None), None)
+            if why is None:
+                kept.append(g)
+                continue
+            for r in g:
+                consumer.reject(r, InvalidInput(f"group of prompt {r.record.prompt_id}: {why}"))
+            self.metrics.dead_lettered.inc(len(g))
+        return kept
+
+    def _drop_refused(self, groups: list[list[Received]], fresh: list[events_pb2.Rollout], reward: RewardClient,
+                      reference: ReferenceClient, consumer: Consumer) -> list[events_pb2.Rollout]:
+        """After a batch was refused by the reward or reference service for a reason of its
+        own (not a transient failure): find the groups refused, one by one, and dead-letter
+        them with that reason; the rest are returned to train on."""
+        def refusal(rs: list[events_pb2.Rollout]) -> str | None:
+            rs = [r for r in rs if len(r.response_token_ids) > 0]
+            if not rs:
+                return None
+            try:
+                reward.score([(r.prompt_text, r.response_text) for r in rs])
+                reference.logprobs([list(r.prompt_token_ids) for r in rs], [list(r.response_token_ids) for r in rs])
+            except grpc.RpcError as e:
+                if e.code() in TRANSIENT:
+                    raise
+                return f"{e.code().name}: {e.details()}"
+            return None
+
+        keep_ids = set()
+        for g in groups:
+            why = refusal([r.record for r in g])
+            if why is None:
+                keep_ids.update(r.record.rollout_id for r in g)
+                continue
+            for r in g:
+                consumer.reject(r, InvalidInput(f"refused by a scorer: {why}"))
+            self.metrics.dead_lettered.inc(len(g))
+        return [r for r in fresh if r.rollout_id in keep_ids]
+
     def train_step(self, rollouts: list[events_pb2.Rollout], reward: RewardClient,
                    reference: ReferenceClient) -> StepStats:
         t0 = time.perf_counter()
@@ -325,8 +426,9 @@ class Trainer:
 
         t = time.perf_counter()
         scores, reward_version = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
-        learn_scores = self.whitener(scores, reward_version) if self.cfg.reward_whiten else scores
         ref_lps = reference.logprobs(prompts, responses)
+        # Nothing is changed before both calls have answered, so a refused batch can be retried.
+        learn_scores = self.whitener(scores, reward_version) if self.cfg.reward_whiten else scores
         self.metrics.phase_seconds.labels("scoring").observe(time.perf_counter() - t)
 
         t = time.perf_counter()
@@ -409,7 +511,8 @@ class Trainer:
             offsets=dict(self.offsets), trained_ids=list(self.trained_ids), learner=self.learner.state_dict(),
             torch_rng=torch.get_rng_state(),
             extra={"whitener": self.whitener.state_dict(), "label_offsets": dict(self.label_offsets),
-                   "trained_labels": list(self.trained_labels), "label_pairs_trained": self.label_pairs_trained},
+                   "trained_labels": list(self.trained_labels), "label_pairs_trained": self.label_pairs_trained,
+                   "done_prompts": list(self.taken_prompts)},
         )
 
     def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:

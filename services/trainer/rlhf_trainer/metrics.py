@@ -59,6 +59,13 @@ class TrainerMetrics(RpcMetrics):
                                        registry=registry)
         self.rollouts = Counter("rlhf_trainer_rollouts_consumed_total", "Rollouts consumed", registry=registry)
         self.tokens = Counter("rlhf_trainer_trained_tokens_total", "Response tokens trained on", registry=registry)
+        self.dead_lettered = Counter("rlhf_trainer_dead_lettered_rollouts_total",
+                                     "Rollouts sent to the dead-letter topic (invalid, or refused by a scorer)",
+                                     registry=registry)
+        self.repeated_groups = Counter(
+            "rlhf_trainer_repeated_group_rollouts_total",
+            "Rollouts dropped because their prompt already had a complete group (a policy re-sampled it after a "
+            "crash)", registry=registry)
         self.duplicates = Counter("rlhf_trainer_duplicate_rollouts_total", "Rollouts skipped as duplicates",
                                   registry=registry)
         self.phase_seconds = Histogram("rlhf_trainer_phase_seconds", "Step time by phase", ["phase"],
