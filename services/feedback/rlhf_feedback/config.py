@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from rlhf_common.auth import KEY_RULE, bad_key, parse_keys
-from rlhf_common.config import BaseConfig, ServerConfig, section, setting
+from rlhf_common.config import BaseConfig, ServerConfig, partition_list, section, setting
 
 from .prompts import load_filter
 
@@ -25,7 +25,9 @@ class FeedbackConfig(BaseConfig):
                             "Comma-separated API keys; when set, REST needs 'Authorization: Bearer <key>' and gRPC "
                             "the same 'authorization' metadata (health and /metrics stay open)", secret=True)
     max_items: int = setting(256, "MAX_ITEMS", "Most feedback items in one request")
-    max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES", "REST: largest request body accepted; larger ones get 413")
+    max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES",
+                                  "Largest request accepted, in bytes: a REST body (413 beyond) or a gRPC message "
+                                  "(RESOURCE_EXHAUSTED beyond)")
     max_text_chars: int = setting(16_384, "MAX_TEXT_CHARS", "Longest edited response or comment, in characters")
     broker_timeout_s: float = setting(10.0, "BROKER_TIMEOUT_S",
                                       "Longest a request waits for the broker to acknowledge its items; then 503")
@@ -46,6 +48,47 @@ class FeedbackConfig(BaseConfig):
                                  "Optional 'module:function' that gets a sampled prompt's text and returns whether "
                                  "it may be trained on")
     prompt_max_chars: int = setting(4000, "PROMPT_MAX_CHARS", "Longer sampled prompts are left out")
+    rate_enabled: bool = setting(True, "RATE_ENABLED",
+                                 "Serve the rating page (/rate) and keep its queue of answer pairs (needs the join "
+                                 "in this process and the REST server)")
+    rate_pairs: Literal["samples", "versions", "both"] = setting(
+        "both", "RATE_PAIRS", "Which answers to one prompt make a pair: 'samples' (the same policy version), "
+                              "'versions' (the newest against an earlier version: a live A/B of versions), 'both'")
+    rate_strategy: Literal["random", "uncertainty", "disagreement"] = setting(
+        "random", "RATE_STRATEGY", "Order of the rating queue: 'random'; 'uncertainty' (P(preferred) of the reward "
+                                   "ensemble nearest 0.5 first); 'disagreement' (spread of the ensemble first)")
+    rate_reward_addrs: str = setting("", "RATE_REWARD_ADDRS",
+                                     "Comma-separated reward services (host:port, gRPC) that score the queue's pairs: "
+                                     "one for 'uncertainty', two or more (e.g. the live and the previous version) "
+                                     "for 'disagreement'")
+    rate_reward_api_key: str = setting("", "RATE_REWARD_API_KEY", "Bearer key for the reward services", secret=True)
+    rate_rank_every_s: float = setting(5.0, "RATE_RANK_EVERY_S", "How often the queue's unrated pairs are re-ranked")
+    rate_rank_max: int = setting(256, "RATE_RANK_MAX", "Most pairs scored per ranking pass (least recently first)")
+    rate_repeat_share: float = setting(0.1, "RATE_REPEAT_SHARE",
+                                       "Share of pairs shown that repeat one the rater answered before, to measure "
+                                       "each rater's self-agreement")
+    rate_max_pairs: int = setting(10_000, "RATE_MAX_PAIRS", "Most pairs kept in the queue; the oldest unrated go first")
+    rate_seed: int = setting(0, "RATE_SEED", "Seed of the side randomisation, repeats and the random strategy")
+    policy_addr: str = setting("", "POLICY_ADDR",
+                               "Policy service (host:port, gRPC) that answers prompts for new pairs and the AI "
+                               "labeller's judge prompts")
+    policy_api_key: str = setting("", "POLICY_API_KEY", "Bearer key for the policy service", secret=True)
+    rate_prompts_file: str = setting("", "RATE_PROMPTS_FILE",
+                                     "Prompts (one per line) the queue asks the policy about while it has fewer than "
+                                     "RATE_MIN_OPEN open pairs; empty: only served answers make pairs")
+    rate_min_open: int = setting(16, "RATE_MIN_OPEN", "Fewest open pairs before the queue asks the policy for more")
+    rate_temperature: float = setting(1.0, "RATE_TEMPERATURE", "Sampling temperature of the queue's own answers")
+    rate_max_tokens: int = setting(256, "RATE_MAX_TOKENS", "Token limit of the queue's own answers")
+    judge_enabled: bool = setting(False, "JUDGE_ENABLED",
+                                  "Run the AI labeller: a judge model labels pairs of the queue that no human has "
+                                  "rated (source 'ai') and judges human-rated ones to measure its agreement")
+    judge_backend: Literal["policy", "folder"] = setting(
+        "policy", "JUDGE_BACKEND", "'policy': the judge prompt goes to POLICY_ADDR; 'folder': a causal LM loaded "
+                                   "from JUDGE_MODEL in this process")
+    judge_model: str = setting("", "JUDGE_MODEL", "The judge's model folder (backend 'folder')")
+    judge_every_s: float = setting(5.0, "JUDGE_EVERY_S", "How often the AI labeller looks for pairs to judge")
+    judge_batch: int = setting(8, "JUDGE_BATCH", "Most pairs judged per pass")
+    judge_max_chars: int = setting(2000, "JUDGE_MAX_CHARS", "Longer prompts and answers are cut to this in the judge prompt")
 
     def validate(self) -> None:
         self.check(bool(self.state_dir), "state_dir", "must name a directory")
@@ -61,7 +104,7 @@ class FeedbackConfig(BaseConfig):
             parts = self.partition_list
         except ValueError:
             parts = None
-        self.check(parts is not None and all(p >= 0 for p in parts), "join_partitions",
+        self.check(parts is not None, "join_partitions",
                    "must be empty or comma-separated partition numbers")
         self.check(0 <= self.prompt_sample_rate <= 1, "prompt_sample_rate", "must be in [0, 1]")
         self.check(self.prompt_max_chars >= 1, "prompt_max_chars", "must be >= 1")
@@ -71,6 +114,31 @@ class FeedbackConfig(BaseConfig):
         except (ImportError, ValueError) as e:
             filter_error = str(e)
         self.check(not filter_error, "prompt_filter", f"cannot be loaded: {filter_error}")
+        self.check(self.rate_strategy in ("random", "uncertainty", "disagreement"), "rate_strategy",
+                   "must be 'random', 'uncertainty' or 'disagreement'")
+        self.check(self.rate_pairs in ("samples", "versions", "both"), "rate_pairs",
+                   "must be 'samples', 'versions' or 'both'")
+        need = {"random": 0, "uncertainty": 1, "disagreement": 2}.get(self.rate_strategy, 0)
+        self.check(len(self.reward_addr_list) >= need, "rate_reward_addrs",
+                   f"must name at least {need} reward service(s) for {self.env_of('rate_strategy')}="
+                   f"{self.rate_strategy}")
+        self.check(self.rate_rank_every_s > 0, "rate_rank_every_s", "must be > 0")
+        self.check(self.rate_rank_max >= 1, "rate_rank_max", "must be >= 1")
+        self.check(0 <= self.rate_repeat_share < 1, "rate_repeat_share", "must be in [0, 1)")
+        self.check(self.rate_max_pairs >= 1, "rate_max_pairs", "must be >= 1")
+        self.check(not self.rate_prompts_file or bool(self.policy_addr), "rate_prompts_file",
+                   f"needs {self.env_of('policy_addr')} to answer the prompts")
+        self.check(self.rate_min_open >= 1, "rate_min_open", "must be >= 1")
+        self.check(self.rate_temperature >= 0, "rate_temperature", "must be >= 0")
+        self.check(self.rate_max_tokens >= 1, "rate_max_tokens", "must be >= 1")
+        self.check(self.judge_backend in ("policy", "folder"), "judge_backend", "must be 'policy' or 'folder'")
+        self.check(not self.judge_enabled or self.judge_backend != "policy" or bool(self.policy_addr),
+                   "judge_enabled", f"the 'policy' judge needs {self.env_of('policy_addr')}")
+        self.check(not self.judge_enabled or self.judge_backend != "folder" or bool(self.judge_model),
+                   "judge_model", "must name a model folder for the 'folder' judge")
+        self.check(self.judge_every_s > 0, "judge_every_s", "must be > 0")
+        self.check(self.judge_batch >= 1, "judge_batch", "must be >= 1")
+        self.check(self.judge_max_chars >= 100, "judge_max_chars", "must be >= 100")
         bad = bad_key(self.api_key_list)
         self.check(bad is None, "api_keys", KEY_RULE, shown=bad)
 
@@ -79,6 +147,10 @@ class FeedbackConfig(BaseConfig):
         return parse_keys(self.api_keys)
 
     @property
+    def reward_addr_list(self) -> list[str]:
+        return [a.strip() for a in self.rate_reward_addrs.split(",") if a.strip()]
+
+    @property
     def partition_list(self) -> list[int]:
         """The partitions to join; empty means all."""
-        return sorted({int(p) for p in self.join_partitions.split(",") if p.strip()})
+        return partition_list(self.join_partitions)

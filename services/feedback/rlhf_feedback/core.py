@@ -47,6 +47,8 @@ class FeedbackItem:
     comment: str = ""
     user_id: str = ""
     session_id: str = ""
+    # "ai" only for the service's own AI labeller; the public APIs always submit "human".
+    source: Literal["human", "ai"] = "human"
 
     @property
     def kinds(self) -> list[Kind]:
@@ -61,7 +63,10 @@ class FeedbackItem:
 
     def body_sha256(self) -> str:
         """The item's canonical body: the same feedback_id with another body is a conflict."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        body = asdict(self)
+        if body["source"] == "human":  # the hash of a human item is the same as before sources existed
+            del body["source"]
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,13 @@ def validate(items: list[FeedbackItem], max_items: int, max_text_chars: int) -> 
 
 
 _THUMBS = {"up": events_pb2.THUMB_UP, "down": events_pb2.THUMB_DOWN}
+_SOURCES = {"human": events_pb2.LABEL_SOURCE_HUMAN, "ai": events_pb2.LABEL_SOURCE_AI}
 _CHOICES = {"a": events_pb2.CHOICE_A, "b": events_pb2.CHOICE_B, "tie": events_pb2.CHOICE_TIE}
 
 
 def to_record(it: FeedbackItem, now_ms: int) -> events_pb2.Feedback:
     r = events_pb2.Feedback(feedback_id=it.feedback_id, generation_id=it.generation_id, comment=it.comment,
-                            user_id=it.user_id, session_id=it.session_id, source=events_pb2.LABEL_SOURCE_HUMAN,
+                            user_id=it.user_id, session_id=it.session_id, source=_SOURCES[it.source],
                             body_sha256=it.body_sha256(), created_unix_ms=now_ms)
     if it.kind == "thumb":
         r.thumb = _THUMBS[it.thumb]
@@ -196,10 +202,12 @@ class FeedbackCore:
 
     def __init__(self, store: AcceptedStore, send: Callable[[list[events_pb2.Feedback]], None],
                  metrics: FeedbackMetrics | None, max_items: int, max_text_chars: int,
-                 join_stats: Callable[[], dict[tuple[str, str], int]] | None = None):
+                 join_stats: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 join_sources: Callable[[], dict[str, int]] | None = None):
         self.store, self.send, self.metrics = store, send, metrics
         self.max_items, self.max_text_chars = max_items, max_text_chars
         self.join_stats = join_stats  # non-blocking: a snapshot the join keeps
+        self.join_sources = join_sources  # the same, labels by source
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback-store")
         self._reserved: set[str] = set()
         self._cond = asyncio.Condition()
@@ -269,6 +277,10 @@ class FeedbackCore:
             for key, n in self.join_stats().items():
                 out[key] = out.get(key, 0) + n
         return out
+
+    def source_stats(self) -> dict[str, int]:
+        """Labels made by this process's join, by source (human, ai); empty without a join."""
+        return dict(self.join_sources()) if self.join_sources is not None else {}
 
     def close(self) -> None:
         self._db.shutdown(wait=True)

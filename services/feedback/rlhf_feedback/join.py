@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, label_id TEXT NOT NULL UNIQUE, record BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS totals (
     kind TEXT NOT NULL, outcome TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (kind, outcome));
+CREATE TABLE IF NOT EXISTS source_totals (source TEXT PRIMARY KEY, n INTEGER NOT NULL);
 COMMIT;
 """
 
@@ -85,6 +86,8 @@ class Batch:
     labels: list[events_pb2.Label] = field(default_factory=list)
     dead: list[tuple[events_pb2.Feedback, str, str]] = field(default_factory=list)
     counts: dict[tuple[str, str], int] = field(default_factory=Counter)
+    # Labels made in this call by source of the feedback ("human", "ai").
+    sources: dict[str, int] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,11 @@ def label_id(feedback_id: str) -> str:
 def signal_kind(fb: events_pb2.Feedback) -> str:
     """The signal's name: one of KINDS, or "none" for feedback without a signal (which is invalid)."""
     return fb.WhichOneof("signal") or "none"
+
+
+def source_name(source: int) -> str:
+    """"ai" for the AI labeller's feedback, "human" otherwise (unset counts as human)."""
+    return "ai" if source == events_pb2.LABEL_SOURCE_AI else "human"
 
 
 def _needed(fb: events_pb2.Feedback) -> list[str]:
@@ -244,6 +252,12 @@ class Join:
         out.update({(kind, "waiting"): waiting.get(kind, 0) for kind in KINDS})
         return out
 
+    def source_stats(self) -> dict[str, int]:
+        """Labels made since the file was made, by source ("human", "ai"; 0 when none)."""
+        out = {"human": 0, "ai": 0}
+        out.update(dict(self._db.execute("SELECT source, n FROM source_totals").fetchall()))
+        return out
+
     def waiting(self) -> int:
         return self._db.execute("SELECT count(*) FROM pending").fetchone()[0]
 
@@ -322,6 +336,7 @@ class Join:
                          (label.label_id, label.SerializeToString()))
         batch.labels.append(label)
         batch.counts[(signal_kind(fb), "joined")] += 1
+        batch.sources[source_name(label.source)] += 1
         return True
 
     def _orphans(self, t: float, batch: Batch) -> None:
@@ -371,3 +386,6 @@ class Join:
         self._db.executemany(
             "INSERT INTO totals VALUES (?, ?, ?) ON CONFLICT (kind, outcome) DO UPDATE SET n = n + excluded.n",
             [(kind, outcome, n) for (kind, outcome), n in batch.counts.items() if outcome != "waiting"])
+        self._db.executemany(
+            "INSERT INTO source_totals VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET n = n + excluded.n",
+            [(src, n) for src, n in batch.sources.items() if n])

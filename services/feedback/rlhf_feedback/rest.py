@@ -14,6 +14,7 @@ from rlhf_http.app import StrictModel, make_app as make_base_app, require_key
 
 from .core import FeedbackCore, FeedbackItem
 from .metrics import FeedbackMetrics
+from .rate import RatingApi, add_rate_routes
 
 Number = StrictInt | StrictFloat
 
@@ -75,12 +76,29 @@ class CountOut(BaseModel):
     count: int
 
 
+class RaterOut(BaseModel):
+    rater: str
+    ratings: int = Field(description="Pairs rated (first judgements)")
+    repeats: int = Field(description="Repeated pairs answered")
+    self_agreement: float | None = Field(description="Share of repeats answered as the first time")
+
+
+class AiOut(BaseModel):
+    judged: int = Field(description="Pairs the AI labeller judged")
+    sent: int = Field(description="... of which sent as feedback with source 'ai' (no human had rated them)")
+    compared: int = Field(description="Pairs judged by both a human and the AI labeller")
+    agreement: float | None = Field(description="Share of those where the AI chose as the human did")
+
+
 class StatsResponse(BaseModel):
     counts: list[CountOut]
+    labels_by_source: dict[str, int] = Field({}, description="Labels made by the join, by source (human, ai)")
+    raters: list[RaterOut] = Field([], description="Rating page: each rater's ratings and self-agreement")
+    ai: AiOut | None = Field(None, description="The AI labeller's judgements and its agreement with humans")
 
 
 def make_app(core: FeedbackCore, registry: CollectorRegistry, metrics: FeedbackMetrics | None, keys: ApiKeys,
-             max_body_bytes: int) -> FastAPI:
+             max_body_bytes: int, rating: RatingApi | None = None) -> FastAPI:
     app = make_base_app(
         "FeedbackService",
         "Feedback on answers served by the policy: thumbs, ratings, A/B choices and edits, each on the "
@@ -88,7 +106,7 @@ def make_app(core: FeedbackCore, registry: CollectorRegistry, metrics: FeedbackM
         "A 2xx means every new item is on the broker; a 503 means none is remembered: resend with the same "
         "`feedback_id`s. The same id with another body gets 409. When API keys are configured, `/v1/*` needs "
         "`Authorization: Bearer <key>`; `/healthz` and `/metrics` stay open.",
-        registry, metrics, max_body_bytes)
+        registry, metrics, max_body_bytes, keys=keys)
     auth = [require_key(keys)]
 
     @app.post("/v1/feedback", response_model=SubmitResponse, dependencies=auth, tags=["feedback"],
@@ -102,7 +120,17 @@ def make_app(core: FeedbackCore, registry: CollectorRegistry, metrics: FeedbackM
              summary="Counts by kind and outcome, at the gateway and at the join")
     async def stats() -> StatsResponse:
         counts = await core.stats()
-        return StatsResponse(counts=[CountOut(kind=k, outcome=o, count=n) for (k, o), n in sorted(counts.items())])
+        out = StatsResponse(counts=[CountOut(kind=k, outcome=o, count=n) for (k, o), n in sorted(counts.items())],
+                            labels_by_source=core.source_stats())
+        if rating is not None:
+            raters, ai = await rating.stats()
+            out.raters = [RaterOut(rater=r.rater, ratings=r.ratings, repeats=r.repeats,
+                                   self_agreement=r.self_agreement) for r in raters]
+            out.ai = AiOut(judged=ai.judged, sent=ai.sent, compared=ai.compared, agreement=ai.agreement)
+        return out
+
+    if rating is not None:
+        add_rate_routes(app, rating, keys)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness (no auth)")
     async def healthz() -> dict[str, str]:

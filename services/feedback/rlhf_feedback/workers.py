@@ -92,6 +92,9 @@ class JoinLoop(BackgroundLoop):
         # What /v1/feedback/stats shows for the join: replaced after every batch, read from
         # other threads without touching the database.
         self.latest_stats: dict[tuple[str, str], int] = {}
+        self.latest_sources: dict[str, int] = {}
+        # Called with every batch of served answers read (the rating queue's intake); on this thread.
+        self.on_generations: list = []
         self.ready = threading.Event()
         self.keep_prompt = load_filter(cfg.prompt_filter)
         self.unsent = 0  # labels of the last send the broker did not acknowledge
@@ -118,7 +121,11 @@ class JoinLoop(BackgroundLoop):
                 items += [Incoming("feedback", r.partition, r.offset, r.record) for r in fbs.poll(timeout_ms=100)]
                 if items:
                     self._handle(join, out, join.process(items))
-                    self._sample_prompts(out, [i.record for i in items if i.kind == "generation"])
+                    served = [i.record for i in items if i.kind == "generation"]
+                    self._sample_prompts(out, served)
+                    for fn in self.on_generations:
+                        if served:
+                            fn(served)
                 if time.monotonic() - last_expire >= self.expire_every_s:
                     if self.unsent:
                         self._send(join, out, join.outbox(), [])
@@ -135,6 +142,8 @@ class JoinLoop(BackgroundLoop):
         for (kind, outcome), n in batch.counts.items():
             if n and outcome != "waiting":
                 self.metrics.joined.labels(kind, outcome).inc(n)
+        for source, n in batch.sources.items():
+            self.metrics.labels_by_source.labels(source).inc(n)
         if batch.counts or batch.labels or batch.dead:
             self._publish_stats(join)
 
@@ -181,4 +190,5 @@ class JoinLoop(BackgroundLoop):
 
     def _publish_stats(self, join: Join) -> None:
         self.latest_stats = join.stats()
+        self.latest_sources = join.source_stats()
         self.metrics.waiting.set(join.waiting())

@@ -31,6 +31,9 @@ class RewardLearnerConfig(BaseConfig):
     epochs: int = setting(2, "EPOCHS", "Passes over the training examples per round")
     batch_size: int = setting(16, "BATCH_SIZE", "Examples per optimisation step")
     point_weight: float = setting(0.25, "POINT_WEIGHT", "Weight of the pointwise term for unpaired thumbs")
+    ai_weight: float = setting(0.5, "AI_WEIGHT",
+                               "Weight of a pair labelled by the AI labeller (source 'ai') in the loss, against 1 "
+                               "for a human label; 0 leaves AI labels out. AI labels never enter the held-out gate")
     max_length: int = setting(256, "MAX_LENGTH", "Token limit per (prompt, response)")
     keep_versions: int = setting(8, "KEEP_VERSIONS", "Published versions kept in the weight store (0 = all)")
     torch_threads: int = setting(1, "TORCH_THREADS", "torch intra-op threads")
@@ -50,6 +53,7 @@ class RewardLearnerConfig(BaseConfig):
         self.check(self.epochs >= 1, "epochs", "must be >= 1")
         self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self.check(self.point_weight >= 0, "point_weight", "must be >= 0")
+        self.check(0 <= self.ai_weight <= 1, "ai_weight", "must be in [0, 1]")
         self.check(self.max_length >= 8, "max_length", "must be >= 8")
         self.check(self.keep_versions >= 0, "keep_versions", "must be >= 0")
         self.check(self.torch_threads >= 1, "torch_threads", "must be >= 1")

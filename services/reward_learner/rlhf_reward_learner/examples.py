@@ -10,6 +10,9 @@
 
 Examples are split by prompt (a hash of the prompt text): a held-out prompt's examples never
 train, so held-out accuracy measures the model on prompts it has not seen.
+
+Labels from the AI labeller (source "ai") train with their own weight (`ai_weight`; 0 leaves
+them out) and never enter the held-out slice: the gate judges a model by humans only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Pair:
     rejected: str
     source: str  # pairwise, edit, rating, thumb
     label_ids: tuple[str, ...]
+    weight: float = 1.0  # in the loss: 1 for human labels, the configured AI weight for AI labels
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,9 @@ class ExampleBook:
     `max_examples` pairs and points are kept per split (the oldest go first)."""
 
     def __init__(self, held_out_fraction: float, min_rating_gap: float = 0.25, max_prompts: int = 10_000,
-                 max_examples: int = 50_000):
+                 max_examples: int = 50_000, ai_weight: float = 1.0):
         self.held_out_fraction = held_out_fraction
+        self.ai_weight = ai_weight
         self.min_rating_gap = min_rating_gap
         self.max_prompts, self.max_examples = max_prompts, max_examples
         self.seen: OrderedDict[str, None] = OrderedDict()
@@ -107,8 +112,15 @@ class ExampleBook:
         chosen, rejected = (a, b) if choice == events_pb2.CHOICE_A else (b, a)
         if chosen == rejected:
             return self._skip("same text")
-        self._store(held_out(label.prompt, self.held_out_fraction),
-                    Pair(label.prompt, chosen, rejected, "pairwise", (label.label_id,)))
+        held = held_out(label.prompt, self.held_out_fraction)
+        weight = 1.0
+        if label.source == events_pb2.LABEL_SOURCE_AI:
+            if held:
+                return self._skip("ai label on a held-out prompt")
+            if self.ai_weight <= 0:
+                return self._skip("ai label (weight 0)")
+            weight = self.ai_weight
+        self._store(held, Pair(label.prompt, chosen, rejected, "pairwise", (label.label_id,), weight))
         return 1
 
     def _edit(self, label: events_pb2.Label) -> int:

@@ -121,7 +121,8 @@ def train_round(live: RewardModelState, book: ExampleBook, s: TrainSettings, rou
             if ps:
                 sc = _scores(cand, live.tokenizer, [p.prompt for p in ps] * 2,
                              [p.chosen for p in ps] + [p.rejected for p in ps], s.max_length)
-                loss = loss + bradley_terry_loss(sc[:len(ps)], sc[len(ps):], reduction="sum")
+                weight = torch.tensor([p.weight for p in ps])
+                loss = loss + (bradley_terry_loss(sc[:len(ps)], sc[len(ps):], reduction="none") * weight).sum()
             if pts:
                 sc = _scores(cand, live.tokenizer, [p.prompt for p in pts], [p.response for p in pts], s.max_length)
                 target = torch.tensor([p.target for p in pts])
