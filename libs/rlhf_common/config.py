@@ -266,6 +266,14 @@ class BusConfig(BaseConfig):
         return opts
 
 
+def partition_list(raw: str) -> list[int]:
+    """'0,2,3' -> [0, 2, 3]; empty -> [] (all partitions). ValueError on anything else."""
+    parts = sorted({int(p) for p in raw.split(",") if p.strip()})
+    if any(p < 0 for p in parts):
+        raise ValueError(f"negative partition in {raw!r}")
+    return parts
+
+
 def markdown_table(configs) -> str:
     """Every setting of the given config classes as a Markdown table."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]

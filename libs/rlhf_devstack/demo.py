@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     spec = StackSpec(run_dir=args.run_dir, rollout_n=args.group_size, groups_per_step=args.groups_per_step,
-                     max_tokens=24, max_groups_ahead=2 * args.groups_per_step, trainer_lr=1e-4)
+                     max_tokens=24, max_groups_ahead=2 * args.groups_per_step, trainer_lr=1e-4, supervise=True)
     print(f"starting Kafka broker and the policy, reward, reference and trainer services "
           f"(logs in {args.run_dir}/*.log; vLLM takes about a minute to start on CPU)...", flush=True)
     t0 = time.monotonic()

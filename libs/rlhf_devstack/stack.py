@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ class StackSpec:
     rollout_enabled: bool = True
     policy_dtype: str = "float32"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Restart a service that exits, as Kubernetes would (at most `restart_limit` times per
+    # service within `restart_window_s`; then it stays down and `failed` names it).
+    supervise: bool = False
+    restart_limit: int = 5
+    restart_window_s: float = 600.0
+    # Per service, extra environment for its process (e.g. failpoints).
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +112,11 @@ class Stack:
     metrics_ports: dict[str, int] = field(default_factory=dict)
     bus: BusConfig | None = None
     configs: dict[str, object] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # monotonic times of supervised restarts
+    failed: set[str] = field(default_factory=set)  # services that used up their restarts
+    _supervisor: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def prepare_models(self) -> None:
         from .models import make_tiny_llama, make_tiny_reward_model
@@ -168,31 +181,68 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        if s.supervise:
+            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+            self._supervisor.start()
         if detach:
             self.write_state()
         return self
 
+    def _supervise(self) -> None:
+        """Restart services that exited (crashed, or ended themselves after a failure)."""
+        while not self._stopping.wait(0.5):
+            for name in list(self.procs):
+                with self._lock:
+                    p = self.procs.get(name)
+                    if self._stopping.is_set() or p is None or p.poll() is None or name in self.failed:
+                        continue
+                    now = time.monotonic()
+                    recent = [t for t in self.restarts.get(name, []) if now - t < self.spec.restart_window_s]
+                    if len(recent) >= self.spec.restart_limit:
+                        self.failed.add(name)
+                        print(f"{name} exited with {p.returncode} and was restarted {len(recent)} times in "
+                              f"{self.spec.restart_window_s:.0f}s: left down (see {name}.log)", flush=True)
+                        continue
+                    self._reap(p)
+                    self.restarts[name] = recent + [now]
+                    self._spawn(name)
+
     def _spawn(self, name: str) -> None:
         env = {**os.environ, **self.bus.to_env(), **self.configs[name].to_env(), **self.spec.extra_env,
-               "PYTHONUNBUFFERED": "1"}
+               **self.spec.service_env.get(name, {}), "PYTHONUNBUFFERED": "1"}
         with open(self.spec.run_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", f"rlhf_{name}"], env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
+    @staticmethod
+    def _reap(p: subprocess.Popen) -> None:
+        """Kill whatever is left of a service's process group (e.g. vLLM's engine process)."""
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def kill(self, name: str) -> int:
-        """SIGKILL one service (and its children), as a crash would; returns its exit code."""
+        """SIGKILL one service (and its children), as a crash would; returns its exit code.
+        A supervised stack starts it again by itself."""
         p = self.procs[name]
-        os.killpg(p.pid, signal.SIGKILL)
+        self._reap(p)
         return p.wait()
 
     def restart(self, name: str, health_timeout_s: float = 300.0) -> None:
         """Start one service again with its original config and wait until it is healthy."""
-        if self.procs[name].poll() is None:
-            self.kill(name)
-        self._spawn(name)
-        wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], self.spec.run_dir / f"{name}.log")
+        with self._lock:
+            if self.procs[name].poll() is None:
+                self.kill(name)
+            self._reap(self.procs[name])
+            self._spawn(name)
+        self.wait_healthy(name, health_timeout_s)
+
+    def wait_healthy(self, name: str, timeout_s: float = 300.0) -> None:
+        wait_healthy(self.addrs[name], timeout_s, None if self.spec.supervise else self.procs[name],
+                     self.spec.run_dir / f"{name}.log")
 
     def write_state(self) -> None:
         state = {
@@ -204,6 +254,9 @@ class Stack:
         (self.spec.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
 
     def stop(self, grace_s: float = 20.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10)
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -212,8 +265,10 @@ class Stack:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                pass
+            # Also whatever the service started (a stop during start-up leaves no vLLM behind).
+            self._reap(p)
+            p.wait()
         self.procs.clear()
         if self.broker:
             self.broker.stop()

@@ -46,6 +46,7 @@ def test_dockerfile_installs_only_the_services_extra():
     assert installs == ["--upgrade", '".[${EXTRA}]"'], installs
     assert 'EXTRA="${SERVICE}"' in text and "EXTRA=policy-gpu" in text
     assert "dev" not in re.findall(r"\.\[([^\]]*)\]", text)
-    # Only the library and the one service are copied in: no dev stack, no jobs, no other service.
+    # Only the libraries (the core and the REST front) and the one service are copied in: no dev
+    # stack, no jobs, no other service.
     copies = re.findall(r"^COPY (?!--from)(\S+)", text, re.M)
-    assert copies == ["pyproject.toml", "protos", "libs/rlhf_common", "services/${SERVICE}"], copies
+    assert copies == ["pyproject.toml", "protos", "libs/rlhf_common", "libs/rlhf_http", "services/${SERVICE}"], copies

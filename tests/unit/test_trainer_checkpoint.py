@@ -105,3 +105,19 @@ def test_rewards_are_whitened_per_reward_version_and_the_state_survives_a_checkp
     back = RewardWhitener()
     back.load_state_dict(store.latest().extra["whitener"])
     assert back([200.0], "v2") == w([200.0], "v2") and back.resets == 1
+
+
+def test_saves_a_killed_writer_left_unfinished_are_removed(tmp_path):
+    from rlhf_common.weights import WeightStore
+
+    store = CheckpointStore(tmp_path / "state")
+    for name in ("step-00000003", "step-00000004.tmp-4242"):
+        (store.root / name).mkdir(parents=True)
+        (store.root / name / "state.pt").write_bytes(b"x")
+    weights = WeightStore(tmp_path / "weights")
+    (weights.root / "policy" / "v00000002.tmp-77").mkdir(parents=True)
+    (weights.root / "policy" / "v00000001").mkdir()
+    assert [p.name for p in store.remove_unfinished()] == ["step-00000004.tmp-4242"]
+    assert [p.name for p in weights.remove_unfinished("policy")] == ["v00000002.tmp-77"]
+    assert sorted(p.name for p in store.root.iterdir()) == ["step-00000003"]
+    assert sorted(p.name for p in (weights.root / "policy").iterdir()) == ["v00000001"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from rlhf_common import envs
-from rlhf_common.config import BaseConfig, ServerConfig, section, setting
+from rlhf_common.config import BaseConfig, ServerConfig, partition_list, section, setting
 
 
 @dataclass
@@ -24,6 +24,9 @@ class PolicyConfig(BaseConfig):
     rollout_n: int = setting(4, "ROLLOUT_N", "Samples per prompt in the rollout worker (GRPO group)")
     rollout_temperature: float = setting(1.0, "ROLLOUT_TEMPERATURE", "Sampling temperature of rollouts")
     rollout_enabled: bool = setting(True, "ROLLOUT_ENABLED", "Run the rollout worker")
+    rollout_partitions: str = setting("", "ROLLOUT_PARTITIONS",
+                                      "Partitions of rlhf.prompts this replica's rollout worker reads, comma-separated "
+                                      "(empty = all); replicas must cover every partition exactly once")
     max_groups_ahead: int = setting(4, "MAX_GROUPS_AHEAD",
                                     "Back-pressure: the worker stops taking prompts while it is this many groups "
                                     "ahead of what the trainer reports consumed")
@@ -50,6 +53,10 @@ class PolicyConfig(BaseConfig):
     def validate(self) -> None:
         self.check(bool(self.model), "model", "must name a model folder")
         self.check(self.max_prompt_chars >= 1, "max_prompt_chars", "must be >= 1")
+        try:
+            partition_list(self.rollout_partitions)
+        except ValueError:
+            self.check(False, "rollout_partitions", "must be empty or comma-separated partition numbers")
         self.check(self.max_tokens >= 1, "max_tokens", "must be >= 1")
         self.check(self.max_tokens < self.max_model_len, "max_tokens",
                    f"must be below {self.env_of('max_model_len')}={self.max_model_len}")

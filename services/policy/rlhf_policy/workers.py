@@ -20,7 +20,7 @@ from rlhf.events.v1 import events_pb2
 
 from rlhf_common import failpoints
 from rlhf_common.bus import Consumer, Producer, now_ms
-from rlhf_common.config import BusConfig
+from rlhf_common.config import BusConfig, partition_list
 from rlhf_common.errors import InvalidInput
 from rlhf_common.loops import BackgroundLoop
 from rlhf_common.topics import Topics
@@ -111,7 +111,8 @@ class RolloutWorker(BackgroundLoop):
             self.groups_emitted = self.weights.groups_consumed
         topics = Topics(self.bus.topic_prefix)
         c = Consumer(self.bus, topics.prompts, events_pb2.Prompt, group_id="rlhf-policy-rollout",
-                     client_id="policy-rollout", id_of=lambda p: p.prompt_id)
+                     client_id="policy-rollout", id_of=lambda p: p.prompt_id,
+                     partitions=partition_list(self.cfg.rollout_partitions) or None)
         out = Producer(self.bus, client_id="policy-rollout")
         try:
             while not self.stopping.is_set():

@@ -110,11 +110,13 @@ class GroupBuffer:
         self.done_prompts: collections.deque[str] = collections.deque(done_prompts, maxlen=TRAINED_IDS_KEPT)
         self._done = set(self.done_prompts)
         self.repeated = 0  # rollouts dropped because their prompt already had a complete group
+        self.repeated_groups = 0  # such groups (counted by their first sample)
 
     def add(self, r: Received) -> None:
         key = r.record.prompt_id
         if key in self._done:
             self.repeated += 1
+            self.repeated_groups += r.record.group_index == 0
             return
         group = self.pending.setdefault(key, [])
         if any(g.record.group_index == r.record.group_index for g in group):
@@ -178,6 +180,7 @@ class Trainer:
         self.trained_labels: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
         # Prompts whose group was taken (see GroupBuffer); saved with the training state.
         self.taken_prompts: collections.deque[str] = collections.deque(maxlen=TRAINED_IDS_KEPT)
+        self._announced: tuple[int, str, str] | None = None  # the last version announced
         self.label_pairs_trained = 0
         self.whitener = RewardWhitener()
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
@@ -288,6 +291,10 @@ class Trainer:
                         buf.add(rec)
                     self.metrics.duplicates.inc(consumer.duplicates - dup_before)
                     self.metrics.repeated_groups.inc(buf.repeated - rep_before)
+                    if buf.repeated_groups:  # dropped groups count as consumed, for the policy's pacing
+                        self.groups_consumed += buf.repeated_groups
+                        buf.repeated_groups = 0
+                        self._announce_progress(producer, topics.weights)
                     if labels is not None:
                         self._read_labels(labels, pairs, timeout_ms=0)
                 if self.stopping.is_set():
@@ -536,7 +543,14 @@ class Trainer:
                  stats.loss, stats.version_lag_mean, stats.rollouts, stats.step_seconds)
         self.progress = self._progress()  # last: Status sees the whole step or none of it
 
+    def _announce_progress(self, producer: Producer, topic: str) -> None:
+        """Re-announce the served version with the groups consumed so far: a policy paced
+        against this count would otherwise wait for ever on groups that were dropped."""
+        if self._announced is not None:
+            self._announce(producer, topic, *self._announced)
+
     def _announce(self, producer: Producer, topic: str, version: int, path: str, sha256: str) -> None:
+        self._announced = (version, path, sha256)
         update = events_pb2.WeightUpdate(
             model_name=self.cfg.model_name, version=version, uri=path, format=self.weight_format,
             sha256=sha256, step=self.step, groups_consumed=self.groups_consumed, created_unix_ms=now_ms(),
