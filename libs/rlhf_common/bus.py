@@ -102,6 +102,43 @@ class Producer:
         self._p.close(timeout=self.timeout_s)
 
 
+class AckedSender:
+    """Sends batches of records and says whether the broker acknowledged all of them.
+
+    After a failure the producer is rebuilt before the next batch: a producer that lost its
+    broker can be left in a state it does not leave by itself (for example when the broker
+    came back without its producer ids), and a fresh one reconnects cleanly.
+    """
+
+    def __init__(self, cfg: BusConfig, client_id: str, timeout_s: float = 30.0):
+        self.cfg, self.client_id, self.timeout_s = cfg, client_id, timeout_s
+        self._producer: Producer | None = None
+
+    def send_batch(self, topic: str, items: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+        """Send (key, record) pairs; returns those the broker did not acknowledge (empty: all
+        were acknowledged)."""
+        try:
+            if self._producer is None:
+                self._producer = Producer(self.cfg, client_id=self.client_id, timeout_s=self.timeout_s)
+            futures = [self._producer.send(topic, k, r, wait=False) for k, r in items]
+            self._producer.flush(self.timeout_s)
+            left = [item for item, f in zip(items, futures) if not f.succeeded()]
+        except Exception as e:  # the producer could not even queue them (broker away)
+            log.warning("sending %d records to %s failed: %s", len(items), topic, e)
+            left = list(items)
+        if left:
+            self.close()
+        return left
+
+    def close(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            try:
+                producer.close()
+            except Exception as e:  # closing a producer that lost its broker may fail; it is dropped anyway
+                log.warning("closing producer %s: %s", self.client_id, e)
+
+
 class BrokerWatch(BackgroundLoop):
     """Asks the broker for its cluster metadata every `every_s`; `unreachable()` says why the
     last ask failed (a readiness condition for services whose API needs the broker)."""

@@ -34,6 +34,9 @@ def test_broker_paused_for_20s_under_traffic(stack, reliability):
     traffic = Traffic(stack)
     traffic.seed(2)
     traffic.serve_and_rate()
+    wait_trained(stack, traffic.prompts)  # settled: any armed failpoint has fired by now
+    for name in stack.spec.services:
+        stack.wait_healthy(name, 300)
     pids = {n: p.pid for n, p in stack.procs.items()}
     restarts = {n: len(v) for n, v in stack.restarts.items()}
     with running(traffic):
@@ -85,6 +88,7 @@ def test_poison_records_on_every_topic_are_dead_lettered(stack, reliability):
     traffic = Traffic(stack)
     traffic.seed(3)
     traffic.serve_and_rate()
+    Traffic(stack).seed(1)  # a partner for a last odd group (steps take groups two at a time)
     done, _ = wait_trained(stack, traffic.prompts)
     labels = labels_of(stack, traffic.feedback)
     deadline = time.monotonic() + 60

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rlhf.events.v1 import events_pb2
-from rlhf_common.bus import Consumer, Producer, now_ms
+from rlhf_common.bus import AckedSender, Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig
 from rlhf_common.errors import NotReady
 from rlhf_common.loops import BackgroundLoop
@@ -29,46 +29,27 @@ log = logging.getLogger(__name__)
 
 
 class FeedbackSender:
-    """Blocking: called from a worker thread by the core.
-
-    After a failed send the producer is rebuilt before the next one: a producer that lost
-    its broker can be left in a state it does not leave by itself (for example when the
-    broker came back without its producer ids), and a fresh one reconnects cleanly.
-    """
+    """Blocking: called from a worker thread by the core. The producer is rebuilt after a
+    failed send (see `AckedSender`)."""
 
     def __init__(self, bus: BusConfig, timeout_s: float):
         self.bus, self.timeout_s = bus, timeout_s
         self.topic = Topics(bus.topic_prefix).feedback
-        self.producer: Producer | None = self._connect()
-
-    def _connect(self) -> Producer:
-        return Producer(self.bus, client_id="feedback-gateway", timeout_s=self.timeout_s)
+        self.sender = AckedSender(bus, client_id="feedback-gateway", timeout_s=timeout_s)
 
     def __call__(self, records: list[events_pb2.Feedback]) -> None:
         """Return once the broker has acknowledged every record (acks from all in-sync
         replicas); raise NotReady otherwise."""
-        try:
-            if self.producer is None:
-                self.producer = self._connect()
-            futures = [self.producer.send(self.topic, r.generation_id, r, wait=False) for r in records]
-            self.producer.flush(self.timeout_s)
-            failed = next((f.exception or TimeoutError("not acknowledged") for f in futures
-                           if f.failed() or not f.is_done), None)
-        except Exception as e:  # the producer could not even queue them (broker away)
-            failed = e
-        if failed is not None:
-            log.warning("broker at %s did not take %d feedback records: %s", self.bus.bootstrap, len(records), failed)
-            self.close()
-            raise NotReady(f"the broker did not acknowledge the feedback ({type(failed).__name__}); nothing was "
-                           "accepted: retry with the same feedback ids")
+        left = self.sender.send_batch(self.topic, [(r.generation_id, r) for r in records])
+        if left:
+            log.warning("broker at %s did not take %d of %d feedback records", self.bus.bootstrap, len(left),
+                        len(records))
+            raise NotReady("the broker did not acknowledge the feedback; nothing was accepted: retry with the "
+                           "same feedback ids")
 
     def close(self) -> None:
-        if self.producer is not None:
-            producer, self.producer = self.producer, None
-            try:
-                producer.close()
-            except Exception as e:  # closing a producer that lost its broker may fail; it is dropped anyway
-                log.warning("closing the feedback producer: %s", e)
+        self.sender.close()
+
 
 class JoinLoop(BackgroundLoop):
     """Feeds this replica's partitions of rlhf.generations and rlhf.feedback to the join.

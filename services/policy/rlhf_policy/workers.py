@@ -19,7 +19,7 @@ import uuid
 from rlhf.events.v1 import events_pb2
 
 from rlhf_common import failpoints
-from rlhf_common.bus import Consumer, Producer, now_ms
+from rlhf_common.bus import AckedSender, Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig, partition_list
 from rlhf_common.errors import InvalidInput
 from rlhf_common.loops import BackgroundLoop
@@ -113,7 +113,7 @@ class RolloutWorker(BackgroundLoop):
         c = Consumer(self.bus, topics.prompts, events_pb2.Prompt, group_id="rlhf-policy-rollout",
                      client_id="policy-rollout", id_of=lambda p: p.prompt_id,
                      partitions=partition_list(self.cfg.rollout_partitions) or None)
-        out = Producer(self.bus, client_id="policy-rollout")
+        out = AckedSender(self.bus, client_id="policy-rollout")
         try:
             while not self.stopping.is_set():
                 if not self._wait_for_trainer():
@@ -133,7 +133,7 @@ class RolloutWorker(BackgroundLoop):
                         continue
                     self._write(rec.record, gen, out)
                 failpoints.reached("policy.rollouts_written")
-                c.commit(recs)
+                self._commit(c, recs)
         finally:
             c.close()
             out.close()
@@ -143,7 +143,7 @@ class RolloutWorker(BackgroundLoop):
         s = Sampling(temperature=self.cfg.rollout_temperature, max_tokens=self.cfg.max_tokens, n=n, logprobs=True)
         return asyncio.run_coroutine_threadsafe(self.engine.generate(p.text, s, bounded=False), self.loop)
 
-    def _write(self, p: events_pb2.Prompt, gen, out: Producer) -> None:
+    def _write(self, p: events_pb2.Prompt, gen, out: AckedSender) -> None:
         topic = Topics(self.bus.topic_prefix).rollouts
         sent = []
         for i, c in enumerate(gen.completions):
@@ -162,15 +162,39 @@ class RolloutWorker(BackgroundLoop):
                 finish_reason=c.finish_reason,
                 created_unix_ms=now_ms(),
             )
-            sent.append(out.send(topic, p.prompt_id, r, wait=False))
-        out.flush()
-        failed = next((f.exception for f in sent if not f.succeeded()), None)
-        if failed is not None:  # the prompt stays uncommitted; the restarted worker samples it again
-            raise RuntimeError(f"rollouts of prompt {p.prompt_id} were not acknowledged: {failed}")
+            sent.append((p.prompt_id, r))
+        self._send_acknowledged(out, topic, sent)
         self.groups_emitted += 1
         self.metrics.groups_ahead.set(self._ahead())
         self.metrics.rollouts.inc(len(gen.completions))
         self.metrics.generated_tokens.labels("rollout").inc(sum(len(c.token_ids) for c in gen.completions))
+
+
+    def _send_acknowledged(self, out: AckedSender, topic: str, items: list) -> None:
+        """Send until the broker has acknowledged every record, riding out an outage (the
+        same records again: their ids let the trainer skip any it already has). A stop while
+        the broker is away leaves the prompt uncommitted, to be sampled again."""
+        delay = 0.5
+        while items := out.send_batch(topic, items):
+            if self.stopping.is_set():
+                raise RuntimeError(f"stopping with {len(items)} rollouts not acknowledged")
+            log.warning("%d rollouts not acknowledged; sending again in %.1fs", len(items), delay)
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _commit(self, c: Consumer, recs) -> None:
+        """Commit the prompts' offsets, retrying while the broker is away."""
+        delay = 0.5
+        while True:
+            try:
+                c.commit(recs)
+                return
+            except Exception as e:  # KafkaError subclasses, timeouts
+                if self.stopping.is_set():
+                    raise
+                log.warning("committing prompt offsets failed (%s); retrying in %.1fs", e, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
 
 
 class GenerationRecorder:
