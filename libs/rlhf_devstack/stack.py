@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,14 @@ from .devbroker import DevBroker
 SERVICES = ("reward", "reference", "trainer", "feedback", "reward_learner", "policy")
 CONFIGS = {"policy": PolicyConfig, "reward": RewardConfig, "reference": ReferenceConfig, "trainer": TrainerConfig,
            "feedback": FeedbackConfig, "reward_learner": RewardLearnerConfig}
+
+
+class PortTaken(RuntimeError):
+    """A service could not bind the port picked for it."""
+
+
+# What a service logs when its port is taken: gRPC, uvicorn, or the metrics server.
+BIND_ERRORS = re.compile(r"Failed to bind|Address already in use|address already in use|Errno 98")
 
 
 def free_port() -> int:
@@ -127,7 +136,22 @@ class Stack:
         if self.spec.reward_model is None:
             self.spec.reward_model = make_tiny_reward_model(models / "tiny-reward", self.spec.policy_model)
 
-    def start(self, detach: bool = False, health_timeout_s: float = 300.0, verbose: bool = False) -> "Stack":
+    def start(self, detach: bool = False, health_timeout_s: float = 300.0, verbose: bool = False,
+              port_attempts: int = 3) -> "Stack":
+        """Start the broker and the services and wait until each is healthy. A port picked as
+        free can be taken by another process before the service binds it: then the whole
+        stack starts again on other free ports (up to `port_attempts` times in all)."""
+        for attempt in range(1, port_attempts + 1):
+            try:
+                return self._start_once(detach, health_timeout_s, verbose)
+            except PortTaken as e:
+                if self.spec.default_ports or attempt == port_attempts:
+                    raise
+                print(f"{e}; starting again on other free ports", flush=True)
+                self._stopping.clear()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, detach: bool, health_timeout_s: float, verbose: bool) -> "Stack":
         s = self.spec
         s.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_models()
@@ -178,8 +202,10 @@ class Stack:
                 wait_healthy(self.addrs[name], health_timeout_s, self.procs[name], s.run_dir / f"{name}.log")
                 if verbose:
                     print(f"  {name:<14} ready at {self.addrs[name]} after {time.monotonic() - t0:.0f}s", flush=True)
-        except BaseException:
+        except BaseException as e:
             self.stop()
+            if isinstance(e, RuntimeError) and BIND_ERRORS.search(str(e)):
+                raise PortTaken(f"{str(e).splitlines()[0]} (its port was taken)") from e
             raise
         if s.supervise:
             self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)

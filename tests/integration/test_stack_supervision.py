@@ -4,6 +4,7 @@ started again (up to a limit), and a stack stopped during its start leaves no pr
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -13,12 +14,17 @@ from rlhf_devstack.stack import Stack, StackSpec
 pytestmark = pytest.mark.integration
 
 
-def _gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def _gone(pgid: int, wait_s: float = 10.0) -> bool:
+    """True once no process of the group is left (killed ones take a moment to be reaped)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def test_a_killed_service_is_restarted_until_the_limit(tmp_path):
@@ -38,19 +44,59 @@ def test_a_killed_service_is_restarted_until_the_limit(tmp_path):
         assert st.procs["reward"].poll() is not None
 
 
-class RecordingStack(Stack):
-    """Remembers every process group it started."""
-
-    def _spawn(self, name: str) -> None:
-        super()._spawn(name)
-        self.started = [*getattr(self, "started", []), self.procs[name].pid]
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            out += [int(x) for x in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    except OSError:
+        pass
+    return out
 
 
 @pytest.mark.slow
-def test_a_start_that_times_out_leaves_no_process(tmp_path):
-    st = RecordingStack(StackSpec(run_dir=tmp_path, services=("policy",), rollout_enabled=False))
+def test_a_start_that_times_out_leaves_no_process(tmp_path, monkeypatch):
+    from rlhf_devstack import stack as stack_mod
+
+    seen: dict[int, list[int]] = {}
+
+    def times_out_once_vllm_runs(addr, timeout_s, proc=None, log=None):
+        """The health wait runs out just after vLLM has started its engine process."""
+        deadline = time.monotonic() + 180
+        while not _children(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "vLLM started no engine process"
+            time.sleep(0.2)
+        seen[proc.pid] = _children(proc.pid)
+        raise TimeoutError(f"service at {addr} not healthy after {timeout_s:.0f}s")
+
+    monkeypatch.setattr(stack_mod, "wait_healthy", times_out_once_vllm_runs)
+    st = Stack(StackSpec(run_dir=tmp_path, services=("policy",), rollout_enabled=False))
     with pytest.raises(TimeoutError):
-        st.start(health_timeout_s=40)  # vLLM is still starting: its engine process is up by now
-    assert not st.procs and st.started
-    for pgid in st.started:  # the service and whatever it started (vLLM's engine core)
+        st.start()
+    assert not st.procs and seen
+    for pgid, children in seen.items():  # the service and what it started (vLLM's engine core)
         assert _gone(pgid), pgid
+        for child in children:
+            assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2:3], \
+                child
+
+
+def test_a_port_taken_before_the_service_binds_it_is_replaced(tmp_path, monkeypatch, capsys):
+    from rlhf_devstack import stack as stack_mod
+
+    real = stack_mod.free_port
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", 0))
+    thief.listen()
+    taken = thief.getsockname()[1]
+    picks = [taken]  # the first port picked (the reward's gRPC port) is taken before it binds
+    monkeypatch.setattr(stack_mod, "free_port", lambda: picks.pop() if picks else real())
+    try:
+        with Stack(StackSpec(run_dir=tmp_path, services=("reward",))) as st:
+            assert st.addrs["reward"] != f"127.0.0.1:{taken}"
+            st.wait_healthy("reward", 60)
+        out = capsys.readouterr().out
+        assert "(its port was taken); starting again on other free ports" in out, out
+    finally:
+        thief.close()
