@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=4, help="Samples per prompt (GRPO group)")
     ap.add_argument("--groups-per-step", type=int, default=2, help="Prompt groups per trainer step")
     args = ap.parse_args(argv)
+    # The dev broker keeps its topics in memory, so every run starts on empty topics: the
+    # training and feedback state of an earlier run (offsets into topics that are gone) go too.
+    for stale in ("weights", "feedback"):
+        shutil.rmtree(args.run_dir / stale, ignore_errors=True)
 
     spec = StackSpec(run_dir=args.run_dir, rollout_n=args.group_size, groups_per_step=args.groups_per_step,
                      max_tokens=24, max_groups_ahead=2 * args.groups_per_step, trainer_lr=1e-4, supervise=True)
