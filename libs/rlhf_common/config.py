@@ -86,6 +86,11 @@ class BaseConfig:
     def check_port(self, name: str) -> None:
         self.check(0 <= getattr(self, name) <= 65535, name, "must be a TCP port in 0..65535")
 
+    def check_file(self, name: str) -> None:
+        """An optional path setting: empty, or an existing file."""
+        path = getattr(self, name)
+        self.check(not path or os.path.isfile(path), name, "no such file")
+
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def _settings(cls):
@@ -204,9 +209,8 @@ class ServerConfig(BaseConfig):
         self.check_port("metrics_port")
         self.check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_key_file",
                    f"TLS needs both {self.env_of('tls_cert_file')} and {self.env_of('tls_key_file')}")
-        for name in ("tls_cert_file", "tls_key_file"):
-            path = getattr(self, name)
-            self.check(not path or os.path.isfile(path), name, "no such file")
+        self.check_file("tls_cert_file")
+        self.check_file("tls_key_file")
 
     def grpc_credentials(self):
         """Server credentials for TLS, or None for plaintext."""
@@ -247,12 +251,10 @@ class BusConfig(BaseConfig):
         self.check(bool(self.ssl_certfile) == bool(self.ssl_keyfile), "ssl_keyfile",
                    f"a client certificate needs both {self.env_of('ssl_certfile')} and {self.env_of('ssl_keyfile')}")
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(self, name)
-            self.check(not path or os.path.isfile(path), name, "no such file")
+            self.check_file(name)
         self.check(self.partitions >= 1, "partitions", "must be >= 1")
         self.check(bool(self.topic_prefix) and "." not in self.topic_prefix, "topic_prefix",
                    "must be a non-empty name without dots")
-
 
     def client_options(self) -> dict:
         """kafka-python keyword arguments shared by every producer, consumer and admin client."""

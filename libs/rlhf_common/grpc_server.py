@@ -203,7 +203,6 @@ class Server:
         reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME],
                                             self.server)
         address = f"{host}:{port}"
-        self.tls = credentials is not None
         self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
                      else self.server.add_insecure_port(address))
         self.host = host

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -89,7 +88,7 @@ class TrainerConfig(BaseConfig):
         self.check(bool(self.model), "model", "must name a model folder")
         self.check(bool(self.weight_store), "weight_store", "must name a directory")
         self.check(self.rpc_retry_s >= 0, "rpc_retry_s", "must be >= 0")
-        self.check(not self.tls_ca_file or os.path.isfile(self.tls_ca_file), "tls_ca_file", "no such file")
+        self.check_file("tls_ca_file")
         self.check(self.algorithm in ALGORITHMS.names(), "algorithm", f"must be one of {ALGORITHMS.names()}")
         self.check(self.groups_per_step >= 1, "groups_per_step", "must be >= 1")
         self.check(self.label_step_every >= 1, "label_step_every", "must be >= 1")
