@@ -28,6 +28,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rlhf_common.config import BaseConfig, BusConfig, markdown_table
+from rlhf_common.objstore import WeightCacheConfig
 from rlhf_common.topics import Topics
 
 from tests.helm_helpers import CHART, selectors
@@ -251,7 +252,7 @@ def test_pods_are_hardened_and_probed_over_grpc_health(values_file):
 
 
 def _setting_names() -> set[str]:
-    configs = [BusConfig]
+    configs = [BusConfig, WeightCacheConfig]
     for svc in SERVICES:
         mod = importlib.import_module(f"rlhf_{svc}.config")
         configs += [c for c in vars(mod).values() if isinstance(c, type) and issubclass(c, BaseConfig)
@@ -288,6 +289,56 @@ def test_the_weight_store_is_one_rwx_claim_written_by_the_trainer_and_reward_lea
     assert env["trainer"]["RLHF_TRAINER_WEIGHT_STORE"]["value"] == env["reward_learner"]["RLHF_REWARD_LEARNER_WEIGHT_STORE"]["value"]
     assert env["trainer"]["RLHF_TRAINER_REWARD_ADDR"]["value"] == f"{PREFIX}-reward:50052"
     assert env["trainer"]["RLHF_TRAINER_REFERENCE_ADDR"]["value"] == f"{PREFIX}-reference:50053"
+
+
+WEIGHT_USERS = ("policy", "reward", "reference", "trainer", "reward_learner")
+
+
+def test_an_object_storage_weight_store_needs_no_claim_and_takes_credentials_from_a_secret():
+    values = _load("object-storage-values.yaml")
+    docs = render(values)
+    os_values = values["weightStore"]["objectStorage"]
+    assert not objects(docs, "PersistentVolumeClaim"), "no weights claim with object storage"
+    text = json.dumps(docs)
+    for name, w in workloads(docs).items():
+        c = container(w)
+        env = env_of(w)
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        assert "weights" not in mounts and "weights" not in vols
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in vols.values() if "persistentVolumeClaim" in v}
+        if name == "feedback":
+            assert not {n for n in env if n.startswith("AWS_") or n.startswith("RLHF_WEIGHT")}
+            assert "weight-cache" not in mounts
+            continue
+        assert claims == {"rlhf-models"} and mounts["models"]["readOnly"] is True  # the initial models, as before
+        # The weight cache is a writable emptyDir where RLHF_WEIGHT_CACHE_DIR points (the root
+        # filesystem is read-only), with the size limit asked for.
+        assert mounts["weight-cache"]["mountPath"] == env["RLHF_WEIGHT_CACHE_DIR"]["value"]
+        assert vols["weight-cache"]["emptyDir"] == {"sizeLimit": "50Gi"}
+        assert env["RLHF_WEIGHT_CACHE_KEEP"]["value"] == "3"
+        assert {"/tmp"} <= {m["mountPath"] for m in c["volumeMounts"]}  # the writers' staging space
+        # Credentials only through secretKeyRef; region and endpoint as plain values.
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "rlhf-object-store", "key": key}}}
+        assert env["AWS_REGION"]["value"] == "eu-west-1"
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage.svc:9000"
+        prefix = "RLHF_" + name.upper()
+        if name in ("trainer", "reward_learner"):
+            assert env[f"{prefix}_WEIGHT_STORE"]["value"] == os_values["url"]
+        else:
+            assert f"{prefix}_WEIGHT_STORE" not in env
+    assert "secretAccessKey" not in text and '"AWS_SECRET_ACCESS_KEY", "value"' not in text
+    # Without credentialsSecret (workload identity) no key is injected.
+    bare = render({**values, "weightStore": {"type": "objectStorage", "objectStorage": {"url": "s3://b/rlhf"}}})
+    for name, w in workloads(bare).items():
+        assert not {n for n in env_of(w) if n.startswith("AWS_")}, name
+    # Egress to the store from the weight readers and writers only, on the ports and peers given.
+    flows = _flows(docs)
+    assert {(s, d, p) for s, d, p in flows if p == 9000} == {(s.replace("_", "-"), "other", 9000) for s in WEIGHT_USERS}
+    assert not {f for f in _flows(bare) if f[0] == "feedback" and f[2] == 443}
+    assert {(s, d, p) for s, d, p in _flows(bare) if p == 443} == {(s.replace("_", "-"), "any", 443)
+                                                                   for s in WEIGHT_USERS}
 
 
 def test_feedback_state_is_a_volume_per_replica():
@@ -525,6 +576,10 @@ def test_network_policies_narrow_to_the_named_clients_and_brokers():
     ({"kafka": {"topics": {"prompts": {"partitions": 0}}}}, "at '/kafka/topics/prompts/partitions': minimum: got 0, want 1"),
     ({"kafka": {"security": {"protocol": "SASL_TLS"}}}, "at '/kafka/security/protocol'"),
     ({"weightStore": {"pvc": {"accessModes": ["ReadWriteOnce"]}}}, "at '/weightStore/pvc/accessModes'"),
+    ({"weightStore": {"objectStorage": {"url": "s3://key:secret@bucket/rlhf"}}}, "at '/weightStore/objectStorage/url'"),
+    ({"weightStore": {"objectStorage": {"cacheKeep": 0}}}, "at '/weightStore/objectStorage/cacheKeep'"),
+    # Object-storage credentials never go in a component's env: only RLHF_* names are taken there.
+    ({"trainer": {"env": {"AWS_SECRET_ACCESS_KEY": "k"}}}, "'AWS_SECRET_ACCESS_KEY' does not match pattern"),
     ({"containerSecurityContext": {"readOnlyRootFilesystem": False}}, "at '/containerSecurityContext/readOnlyRootFilesystem'"),
     ({"reward": {"podDisruptionBudget": {"maxUnavailable": 1, "minAvailable": 1}}}, "at '/reward/podDisruptionBudget'"),
     ({"reward": {"resources": {"limits": {"memory": "lots"}}}}, "at '/reward/resources/limits/memory'"),
@@ -536,8 +591,10 @@ def test_the_schema_refuses_bad_values_and_says_where(values, message):
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"weightStore": {"type": "objectStorage", "objectStorage": {"url": "s3://bucket/rlhf", "credentialsSecret": "s3"}}},
-     "weightStore.type=objectStorage (s3://bucket/rlhf) is not supported yet"),
+    ({"weightStore": {"type": "objectStorage", "objectStorage": {"credentialsSecret": "s3"}}},
+     "weightStore.type=objectStorage needs weightStore.objectStorage.url"),
+    ({"weightStore": {"type": "objectStorage", "objectStorage": {"url": "s3://bucket/rlhf"}}},
+     "weightStore.type=objectStorage makes no weights claim, so the initial models need their own"),
     ({"kafka": {"mode": "external"}}, "kafka.mode=external needs kafka.external.bootstrap"),
     ({"kafka": {"mode": "external", "external": {"bootstrap": "k:9092"}, "security": {"protocol": "SASL_SSL"}}},
      "needs kafka.security.sasl.mechanism, .username and .passwordSecret.name"),

@@ -5,9 +5,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from rlhf_common import errors, fsutil
+from rlhf_common import errors, fsutil, objstore
 from rlhf_common.fsutil import publish_dir
-from rlhf_common.weights import WeightStore, digest, local_path, verify
+from rlhf_common.weights import WeightStore, digest, fetch, local_path, verify
 from rlhf_trainer.metrics import TrainerMetrics
 
 
@@ -68,6 +68,34 @@ def test_local_path_rejects_unknown_schemes():
     assert str(local_path("file:///a/b")) == "/a/b"
     with pytest.raises(ValueError, match="s3://x"):
         local_path("s3://x")
+
+
+def test_fetch_uses_a_local_folder_in_place(tmp_path):
+    c = WeightStore(f"file://{tmp_path}").save(_Tiny(), None, "policy", 1, step=1)
+    assert c.path == tmp_path / "policy" / "v00000001"
+    assert fetch(str(c.path), c.sha256) == c.path and fetch(f"file://{c.path}") == c.path
+    store = WeightStore(tmp_path)
+    assert store.child("policy-trainer-state") == tmp_path / "policy-trainer-state"
+    assert store.local_file("policy-eval.jsonl") == tmp_path / "policy-eval.jsonl"
+
+
+def test_an_object_store_without_its_package_names_the_package():
+    # gcsfs and adlfs are not dependencies: the error says what to install.
+    for url, package in (("gs://bucket/rlhf", "gcsfs"), ("az://container/rlhf", "adlfs")):
+        with pytest.raises(ValueError, match=f"needs the {package} package"):
+            WeightStore(url)
+    with pytest.raises(ValueError, match="Protocol not known"):
+        WeightStore("nosuch://bucket/rlhf")
+
+
+def test_urls_in_messages_lose_their_credentials():
+    assert objstore.redact("s3://key:secret@bucket/rlhf") == "s3://bucket/rlhf"
+    assert objstore.redact("s3://bucket/a@b") == "s3://bucket/a@b"
+    with pytest.raises(ValueError) as err:
+        local_path("s3://key:secret@bucket/x")
+    assert "secret" not in str(err.value)
+    assert objstore.join("s3://b/rlhf/", "policy") == "s3://b/rlhf/policy"
+    assert objstore.join("file:///w", "policy") == "/w/policy"
 
 
 @pytest.mark.parametrize("exc,code,status", [

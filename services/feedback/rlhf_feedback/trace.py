@@ -2,7 +2,10 @@
 item on it, the labels made from them, and the reward-model and policy versions that learned
 from those labels.
 
-    python -m rlhf_feedback.trace GENERATION_ID --weight-store DIR [--json]
+    python -m rlhf_feedback.trace GENERATION_ID --weight-store STORE [--json]
+
+STORE is a directory, file:// URL or object-storage URL (s3://bucket/prefix, with the
+store's credentials in the environment, as the services take them).
 
 Reads the topics from the beginning (Kafka at RLHF_KAFKA_BOOTSTRAP, prefix RLHF_TOPIC_PREFIX)
 and the lineage of each model in the weight store (`<model>/lineage.jsonl`, append-only, kept

@@ -311,7 +311,7 @@ class PolicyEngine:
         version is ignored, unless it is a rollback to a different version."""
         if version == self.served.version or (version < self.served.version and not rollback):
             return 0.0
-        path = weights.local_path(uri)
+        path = await asyncio.get_running_loop().run_in_executor(None, weights.fetch, uri, sha256)
         loop = asyncio.get_running_loop()
         if sha256:
             await loop.run_in_executor(None, weights.verify, path, sha256)

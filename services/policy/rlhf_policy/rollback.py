@@ -1,7 +1,10 @@
 """Roll the serving policy back to an earlier version.
 
-    python -m rlhf_policy.rollback --weight-store DIR --version N     # a published version
+    python -m rlhf_policy.rollback --weight-store STORE --version N   # a published version
     python -m rlhf_policy.rollback --uri MODEL_DIR --version 0        # e.g. the initial model
+
+STORE is the trainer's weight store (a path, file:// URL or object-storage URL such as
+s3://bucket/rlhf, with the store's credentials in the environment); --uri may be a URL too.
 
 Publishes a WeightUpdate with rollback=true on rlhf.weights (Kafka at RLHF_KAFKA_BOOTSTRAP).
 Every policy replica switches to that version; newer versions published later apply as usual.
@@ -15,8 +18,9 @@ import sys
 from rlhf.events.v1 import events_pb2
 from rlhf_common.bus import Producer, now_ms
 from rlhf_common.config import BusConfig
+from rlhf_common.objstore import is_remote, redact
 from rlhf_common.topics import Topics
-from rlhf_common.weights import WeightStore, digest, local_path
+from rlhf_common.weights import WeightStore, digest, fetch
 
 
 def build_update(model_name: str, version: int, weight_store: str | None, uri: str | None) -> events_pb2.WeightUpdate:
@@ -25,18 +29,19 @@ def build_update(model_name: str, version: int, weight_store: str | None, uri: s
     if bool(weight_store) == bool(uri):
         raise ValueError("give exactly one of --weight-store (a published version) or --uri (a model folder)")
     if weight_store:
-        folder = WeightStore(weight_store).folder(model_name, version)
-        if not folder.exists():
-            have = WeightStore(weight_store).versions(model_name)
-            raise ValueError(f"version {version} of {model_name!r} is not in {weight_store!r} (have {have})")
-        ckpt = WeightStore(weight_store).load_manifest(model_name, version)
-        path, sha = ckpt.path, ckpt.sha256
+        store = WeightStore(weight_store)
+        have = store.versions(model_name)
+        if version not in have:
+            raise ValueError(f"version {version} of {model_name!r} is not in {redact(weight_store)!r} (have {have})")
+        ckpt = store.load_manifest(model_name, version)
+        target, sha = str(ckpt.path), ckpt.sha256
+        lora = store.has_file(model_name, version, "adapter_config.json")
     else:
-        path = local_path(uri)
-        sha = digest(path)
-    fmt = (events_pb2.WeightUpdate.FORMAT_LORA if (path / "adapter_config.json").exists()
-           else events_pb2.WeightUpdate.FORMAT_FULL)
-    return events_pb2.WeightUpdate(model_name=model_name, version=version, uri=str(path), format=fmt, sha256=sha,
+        path = fetch(uri)  # a folder on object storage is downloaded (and cached) to be hashed
+        target, sha = (uri if is_remote(uri) else str(path)), digest(path)
+        lora = (path / "adapter_config.json").exists()
+    fmt = events_pb2.WeightUpdate.FORMAT_LORA if lora else events_pb2.WeightUpdate.FORMAT_FULL
+    return events_pb2.WeightUpdate(model_name=model_name, version=version, uri=target, format=fmt, sha256=sha,
                                    rollback=True, created_unix_ms=now_ms())
 
 

@@ -70,7 +70,7 @@ class ReferenceModel:
         if version <= self.version:
             return False
         try:
-            path = weights.local_path(uri)
+            path = weights.fetch(uri, sha256)
         except ValueError as e:
             raise InvalidInput(f"uri: {e}") from None
         if not (path / "config.json").exists():

@@ -13,7 +13,7 @@ import time
 from rlhf.events.v1 import events_pb2
 from rlhf_common.config import BusConfig
 from rlhf_common.errors import WeightsCorrupt
-from rlhf_common.weights import local_path, verify
+from rlhf_common.weights import fetch, verify
 from rlhf_common.weights_follower import WeightsFollower
 
 from .config import RewardConfig
@@ -41,7 +41,7 @@ class RewardUpdater:
             self._count("unsupported")
             return False
         try:
-            path = local_path(u.uri)
+            path = fetch(u.uri, u.sha256)  # a local folder; one on object storage is downloaded, checked
             verify(path, u.sha256)
             model = RewardModel(path, self.cfg.max_length, version_number=u.version, sha256=u.sha256)
         except WeightsCorrupt:

@@ -15,7 +15,9 @@ class RewardLearnerConfig(BaseConfig):
     ENV: ClassVar[str] = "RLHF_REWARD_LEARNER"
     server: ServerConfig = section(ServerConfig, port=50056, metrics_port=9106)
     model: str = setting("", "MODEL", "The reward model to start from when the weight store has no version yet")
-    weight_store: str = setting("", "WEIGHT_STORE", "Weight store (path or file:// URL) where versions are published")
+    weight_store: str = setting("", "WEIGHT_STORE", "Weight store where versions are published: a directory, file:// "
+                                "URL, or object-storage URL (s3://bucket/prefix; gs://, az:// with gcsfs, adlfs "
+                                "installed)")
     model_name: str = setting("reward", "MODEL_NAME", "Name of the reward model in the weight store and rlhf.weights")
     train_every_labels: int = setting(256, "TRAIN_EVERY_LABELS", "Run a round once this many new examples came in")
     train_every_s: float = setting(600.0, "TRAIN_EVERY_S",

@@ -23,7 +23,7 @@ from rlhf_common.bus import Consumer, Producer, now_ms
 from rlhf_common.config import BusConfig
 from rlhf_common.loops import BackgroundLoop
 from rlhf_common.topics import Topics
-from rlhf_common.weights import WeightStore
+from rlhf_common.weights import WeightStore, fetch
 
 from .config import RewardLearnerConfig
 from .examples import ExampleBook
@@ -76,7 +76,9 @@ class LearnLoop(BackgroundLoop):
 
     def loop_body(self) -> None:
         latest = self.store.latest(self.cfg.model_name)
-        live = RewardModelState(latest.path if latest else self.cfg.model, latest.version if latest else 0)
+        # The newest version as a local folder (downloaded and checked when the store is object storage).
+        live = RewardModelState(fetch(str(latest.path), latest.sha256) if latest else self.cfg.model,
+                                latest.version if latest else 0)
         self.rounds = latest.step if latest else 0
         lineage = self.store.lineage(self.cfg.model_name)
         self.learned = {i for e in lineage for i in e.get("new_label_ids", [])}

@@ -17,7 +17,9 @@ class TrainerConfig(BaseConfig):
     server: ServerConfig = section(ServerConfig, port=50054, metrics_port=9104)
     model: str = setting("", "MODEL", "Path of the initial policy folder (version 0)")
     weight_store: str = setting("", "WEIGHT_STORE",
-                                "Directory (or file:// URL) where published checkpoints are written")
+                                "Where published checkpoints and the training state are written: a directory, "
+                                "file:// URL, or object-storage URL (s3://bucket/prefix; gs://, az:// with gcsfs, "
+                                "adlfs installed)")
     keep_versions: int = setting(8, "KEEP_VERSIONS",
                                  "Published versions kept in the weight store; older ones are deleted (0 = keep all)")
     reward_addr: str = setting("127.0.0.1:50052", "REWARD_ADDR", "RewardService address")

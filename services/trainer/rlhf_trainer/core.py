@@ -165,7 +165,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.pad_id = pad_id(self.tokenizer)
         self.store = WeightStore(cfg.weight_store)
-        self.checkpoints = CheckpointStore(Path(cfg.weight_store) / f"{cfg.model_name}-trainer-state",
+        self.checkpoints = CheckpointStore(self.store.child(f"{cfg.model_name}-trainer-state"),
                                            keep=cfg.keep_checkpoints)
         # This trainer is the model's one writer: saves a killed predecessor left half-done go.
         for p in self.store.remove_unfinished(cfg.model_name) + self.checkpoints.remove_unfinished():
@@ -494,7 +494,7 @@ class Trainer:
         # The baseline is the initial (SFT) policy, also after a resume.
         sft = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=torch.float32)
         ev = Evaluator(read_prompts(Path(self.cfg.eval_prompts)), self.tokenizer, sft, reward,
-                       self.cfg.eval_max_tokens, Path(self.cfg.weight_store) / f"{self.cfg.model_name}-eval.jsonl",
+                       self.cfg.eval_max_tokens, self.store.local_file(f"{self.cfg.model_name}-eval.jsonl"),
                        seed=self.cfg.seed + 1234, kl_estimator=self.cfg.kl_estimator)
         log.info("evaluating every %d steps on %d held-out prompts", self.cfg.eval_every, len(ev.texts))
         return ev
