@@ -92,6 +92,37 @@ def digest(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def write_full_weights(model, folder: Path, dtype=None) -> str:
+    """Write an HF model's weights (in `dtype`, default their own) and config to `folder` as
+    one model.safetensors; returns its `digest`. Tensors that share storage (tied
+    embeddings) are written once, under the first name, as `save_pretrained` does."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        t = t.detach()
+        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    config = model.config
+    saved_dtype = getattr(config, "dtype", None)
+    if dtype is not None:
+        config.dtype = dtype
+    try:
+        config.save_pretrained(folder)
+    finally:
+        if dtype is not None:
+            config.dtype = saved_dtype
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    return digest(folder)  # read back from the page cache
+
+
 def verify(folder: str | Path, sha256: str) -> None:
     actual = digest(folder)
     if actual != sha256:
@@ -181,15 +212,22 @@ class WeightStore:
         return self.tree.unfinished(model_name, VERSION_NAME, MANIFEST)
 
     def save(self, model, tokenizer, model_name: str, version: int, step: int,
-             extra: dict | None = None) -> Checkpoint:
-        """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint."""
+             extra: dict | None = None, dtype=None) -> Checkpoint:
+        """Save an HF model (+ tokenizer) as a new version; returns its Checkpoint.
+
+        `dtype` (a torch dtype): full weights are written in it (the serving dtype, e.g.
+        bfloat16: half the bytes of float32 to write, hash and load). A LoRA adapter is
+        saved as it is."""
         rel = self._rel(model_name, version)
         tmp = self.tree.staging(rel)
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if hasattr(model, "config") and not hasattr(model, "peft_config"):
+                sha = write_full_weights(model, tmp, dtype)
+            else:  # an adapter, or any model that saves itself
+                model.save_pretrained(tmp, safe_serialization=True)
+                sha = digest(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            sha = digest(tmp)
             (tmp / MANIFEST).write_text(json.dumps(
                 {"model_name": model_name, "version": version, "step": step, "sha256": sha,
                  "created_unix_ms": int(time.time() * 1000), "extra": extra or {}}, indent=2))

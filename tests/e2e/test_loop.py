@@ -16,6 +16,7 @@ from rlhf_devstack.models import tiny_prompts
 from rlhf_devstack.stack import Stack, StackSpec, seed_prompts
 from rlhf_common.topics import Topics
 from rlhf_common.weights import WeightStore
+from rlhf_trainer.checkpoint import CheckpointStore
 
 from tests.helpers import metric_value, read_topic, run_until_steps, scrape
 
@@ -190,11 +191,18 @@ def test_trainer_killed_and_restarted_continues_exactly(loop_run):
     """Marked `last` (run after the module's other tests): it changes the shared stack. kill -9 the trainer when idle and again in the
     middle of training, restart it each time; nothing may be lost or trained twice."""
     st, _, status, _, policy = loop_run
+    # The full training state is saved every 50 steps, and when the trainer has been idle
+    # for 10 s: a kill when idle loses nothing.
+    states = CheckpointStore(st.spec.run_dir / "weights" / "policy-trainer-state")
+    deadline = time.monotonic() + 60
+    while (states.steps() or [0])[-1] < status.step and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert states.steps()[-1] == status.step
     assert st.kill("trainer") == -9
     st.restart("trainer")
     trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
     after = trainer.Status(trainer_pb2.StatusRequest())
-    # the state equals the checkpoint taken after the last step
+    # the state equals the one saved after the last step
     assert (after.version, after.step, after.groups_consumed, after.rollouts_consumed) == (
         status.version, status.step, status.groups_consumed, status.rollouts_consumed)
 
@@ -204,7 +212,9 @@ def test_trainer_killed_and_restarted_continues_exactly(loop_run):
     while after.step < EXPECTED_STEPS + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
         after = trainer.Status(trainer_pb2.StatusRequest())
-    assert st.kill("trainer") == -9  # mid-run: the next batch may be half done
+    assert after.step == EXPECTED_STEPS + 1
+    # mid-run, one step after the last training state: that step is lost and made again
+    assert st.kill("trainer") == -9
     st.restart("trainer")
     trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
     after = trainer.Status(trainer_pb2.StatusRequest())
@@ -228,6 +238,13 @@ def test_trainer_killed_and_restarted_continues_exactly(loop_run):
     updates = read_topic(st.bus, Topics().weights, events_pb2.WeightUpdate,
                          until=lambda us: any(u.version == after.version for u in us))
     versions = [u.version for u in updates]
-    # restarted trainers announce their checkpoint's version once more; numbers are never reused
+    # numbers are never reused; the first restart announced its state's version once more
     assert versions == sorted(versions) and versions[-1] == after.version
     assert set(range(1, EXPECTED_STEPS + 2)) <= set(versions)
+    assert [u.version for u in updates].count(EXPECTED_STEPS) == 2
+    # The second restart continued from the state of step EXPECTED_STEPS: version
+    # EXPECTED_STEPS + 1 (step EXPECTED_STEPS + 1) was left behind, the state's weights were
+    # published as the next version, and step EXPECTED_STEPS + 1 was made again.
+    steps = [(u.version, u.step) for u in updates if u.version > EXPECTED_STEPS]
+    assert steps[:3] == [(EXPECTED_STEPS + 1, EXPECTED_STEPS + 1), (EXPECTED_STEPS + 2, EXPECTED_STEPS),
+                         (EXPECTED_STEPS + 3, EXPECTED_STEPS + 1)], steps

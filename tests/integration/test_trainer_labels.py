@@ -55,7 +55,7 @@ def _wait_steps(stub, steps: int, timeout_s: float = 120) -> trainer_pb2.StatusR
 def test_preference_steps_on_labels_survive_a_kill_9(tmp_path):
     spec = StackSpec(run_dir=tmp_path, services=("reference", "trainer"),
                      extra_env={"RLHF_TRAINER_LEARN_FROM": "labels", "RLHF_TRAINER_PREFERENCE_BATCH": "4",
-                                "RLHF_TRAINER_LR": "1e-3"})
+                                "RLHF_TRAINER_LR": "1e-3", "RLHF_TRAINER_CHECKPOINT_EVERY": "1"})
     with Stack(spec) as st:
         stub = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
         tie = events_pb2.Label(label_id="lbl-tie", prompt="A tie.", pairwise=events_pb2.Pairwise(

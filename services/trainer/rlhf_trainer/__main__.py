@@ -22,7 +22,8 @@ SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 def builder(cfg: TrainerConfig, bus: BusConfig):
     async def build(rt: service.Runtime) -> None:
-        torch.set_num_threads(cfg.torch_threads)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         trainer = await rt.blocking(Trainer, cfg, bus, rt.metrics)
         await rt.blocking(ensure_topics, bus)
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(trainer), rt.grpc)

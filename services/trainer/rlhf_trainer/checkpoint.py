@@ -3,8 +3,15 @@
 A checkpoint is a folder `<root>/step-<step:08d>/` holding `state.pt` (the learner state:
 optimizer, value head, KL controller, Python RNG; torch's RNG state, the counters, the Kafka
 offsets to continue from, and the ids of recently trained rollouts, for dedup) and
-`rlhf_manifest.json` (on object storage with the sha256 of every file in the folder). The
-model weights are the published version the state names.
+`rlhf_manifest.json` (on object storage with the sha256 of every file in the folder), and
+`model/`: the trained weights in full precision (or the LoRA adapter). Published versions
+may be in a lower serving dtype and are pruned, so the state keeps its own copy; a state
+without one (older layouts) names the published version it continues from.
+
+The trainer saves a state every few steps or minutes, not at every step (a state holds the
+optimizer: three times the weights in float32). A crash between two states costs the steps
+since the last one: the trainer continues from it, reads the rollouts after its offsets
+again and trains on each once more (see core.py).
 
 The root lives in the weight store beside the model's versions (`<store>/<model>-trainer-state`),
 on a file system or on object storage, so a trainer restarting on another node finds it. A
@@ -33,6 +40,7 @@ from rlhf_common.errors import WeightsCorrupt
 from rlhf_common.weights import fetch
 
 STATE = "state.pt"
+WEIGHTS = "model"
 MANIFEST = "rlhf_manifest.json"
 STEP_NAME = re.compile(r"step-\d{8,}")
 
@@ -50,10 +58,15 @@ class TrainerState:
     learner: dict
     torch_rng: torch.Tensor
     extra: dict = field(default_factory=dict)
+    # Set on loading: the local folder of the state's own weights ("" when it has none).
+    own_weights: str = ""
 
     def weights_folder(self) -> Path:
-        """A local folder with the weights this state names (`weights_path` may be a URL on
-        object storage: it is fetched and checked against `weights_sha256`)."""
+        """A local folder with the weights to continue from: the state's own copy, else the
+        published version it names (`weights_path` may be a URL on object storage: it is
+        fetched and checked against `weights_sha256`)."""
+        if self.own_weights:
+            return Path(self.own_weights)
         return fetch(self.weights_path, self.weights_sha256)
 
 
@@ -88,14 +101,18 @@ class CheckpointStore:
     def folder(self, step: int) -> Path | str:
         return self.tree.where(self._rel(step))
 
-    def save(self, state: TrainerState) -> Path | str:
-        """Write the state in a local folder and publish the whole folder; keep the newest `keep`."""
+    def save(self, state: TrainerState, model=None) -> Path | str:
+        """Write the state (and the model's weights as they are, when given) in a local
+        folder and publish the whole folder; keep the newest `keep`."""
         rel = self._rel(state.step)
         tmp = self.tree.staging(rel)
         try:
-            torch.save(state.__dict__, tmp / STATE)
-            with open(tmp / STATE, "rb") as f:
-                os.fsync(f.fileno())
+            torch.save({**state.__dict__, "own_weights": ""}, tmp / STATE)
+            if model is not None:
+                model.save_pretrained(tmp / WEIGHTS, safe_serialization=True)
+            for f in [tmp / STATE, *sorted((tmp / WEIGHTS).glob("*"))]:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             # A download is checked against the files' sha256; a rename on a file system needs no hashing.
             files = _files(tmp) if self.tree.remote else {}
             (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=2))
@@ -137,5 +154,9 @@ class CheckpointStore:
             return None
         # weights_only: tensors and plain containers only, never arbitrary pickled objects
         # (the store is shared, so its files are not trusted to run code).
-        raw = torch.load(self.local_folder(steps[-1]) / STATE, weights_only=True)
-        return TrainerState(**raw)
+        folder = self.local_folder(steps[-1])
+        raw = torch.load(folder / STATE, weights_only=True)
+        state = TrainerState(**raw)
+        if (folder / WEIGHTS).is_dir():
+            state.own_weights = str(folder / WEIGHTS)
+        return state

@@ -78,12 +78,22 @@ class TrainerConfig(BaseConfig):
                                 "Held-out prompts (one per line, or JSONL with 'prompt'); never trained on")
     eval_every: int = setting(0, "EVAL_EVERY", "Evaluate every N steps (0 = never)")
     eval_max_tokens: int = setting(32, "EVAL_MAX_TOKENS", "New tokens per evaluation answer")
-    checkpoint_every: int = setting(1, "CHECKPOINT_EVERY",
-                                    "Save the full training state every N steps (weights are published every step)")
+    checkpoint_every: int = setting(
+        50, "CHECKPOINT_EVERY", "Save the full training state (weights in full precision, optimizer, offsets) every N "
+        "steps; weights are published every step. A crash costs the steps since the last state (they are trained "
+        "again from the same rollouts)")
+    checkpoint_every_s: float = setting(300.0, "CHECKPOINT_EVERY_S",
+                                        "Also save it when this many seconds have passed since the last one (0 = off)")
+    checkpoint_idle_s: float = setting(
+        10.0, "CHECKPOINT_IDLE_S", "Also save it when no batch has been ready for this many seconds after a step, so an "
+        "idle trainer loses nothing (0 = off); and always when the service stops")
+    publish_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "PUBLISH_DTYPE", "dtype of the full weights published every step (auto: the initial model's own "
+        "dtype, which the policy serves); training stays in float32")
     keep_checkpoints: int = setting(2, "KEEP_CHECKPOINTS", "Training-state checkpoints kept")
     model_name: str = setting("policy", "MODEL_NAME", "Model name in published WeightUpdate records")
     group_id: str = setting("rlhf-trainer", "GROUP_ID", "Kafka consumer group (offsets are committed here)")
-    torch_threads: int = setting(1, "TORCH_THREADS", "torch intra-op threads")
+    torch_threads: int = setting(0, "TORCH_THREADS", "torch intra-op threads (0 = one per core)")
     seed: int = setting(0, "SEED", "torch seed")
 
     def validate(self) -> None:
@@ -122,11 +132,10 @@ class TrainerConfig(BaseConfig):
                    f"needs {self.env_of('eval_prompts')}")
         self.check(self.eval_max_tokens >= 1, "eval_max_tokens", "must be >= 1")
         self.check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        self.check(self.keep_versions == 0 or self.keep_versions > self.checkpoint_every, "keep_versions",
-                   f"must be 0 or above {self.env_of('checkpoint_every')}={self.checkpoint_every}, "
-                   "so the weights a checkpoint names are never pruned")
+        self.check(self.checkpoint_every_s >= 0, "checkpoint_every_s", "must be >= 0")
+        self.check(self.checkpoint_idle_s >= 0, "checkpoint_idle_s", "must be >= 0")
         self.check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         self.check(self.max_steps >= 0, "max_steps", "must be >= 0")
-        self.check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+        self.check(self.torch_threads >= 0, "torch_threads", "must be >= 0")
         for name in ("reward_addr", "reference_addr"):
             self.check(":" in getattr(self, name), name, "must be host:port")

@@ -1,17 +1,24 @@
 """The trainer loop, independent of gRPC: rollouts in, a policy update, weights out.
 
 Order of effects for every step (what makes a kill -9 at any point safe):
-  train -> save weights (new version folder) -> save training state (names the version,
-  the offsets to continue from, the trained rollout ids) -> publish WeightUpdate ->
-  commit consumer-group offsets (informational: the checkpoint's offsets are the truth).
-On start, the newest training state is loaded, the consumer seeks to its offsets, and its
-version is announced again (the policy ignores versions it already serves). New versions
-are numbered after the newest one in the weight store, so a version number is never reused.
+  train -> save weights (new version folder, in the serving dtype) -> [every few steps or
+  minutes, when idle, and at a stop: save the training state: full-precision weights,
+  optimizer, the offsets to continue from, the trained rollout ids] -> publish WeightUpdate
+  -> commit consumer-group offsets (informational: the training state's offsets are the truth).
+On start, the newest training state is loaded and the consumer seeks to its offsets. If no
+version was published after it, that version is announced again (the policy ignores
+versions it already serves). If some were (a crash between two states), those versions are
+a branch the trainer does not continue: the state's weights are published as a new version,
+so the policy serves the trainer's weights again, and the rollouts after the state's offsets
+are read and trained on once more. That is what a crash between two states costs: the steps
+since the last one. New versions are numbered after the newest one in the weight store, so
+a version number is never reused.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -147,6 +154,22 @@ class GroupBuffer:
         return out
 
 
+def publish_dtype(cfg: TrainerConfig) -> torch.dtype:
+    """The dtype of published full weights: the setting, or with "auto" the initial model's
+    own (its config.json's dtype; float32 when it names none)."""
+    name = cfg.publish_dtype
+    if name == "auto":
+        import json
+
+        try:
+            conf = json.loads((Path(cfg.model) / "config.json").read_text())
+        except (OSError, ValueError):
+            conf = {}
+        name = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def learner_config(cfg: TrainerConfig) -> LearnerConfig:
     return LearnerConfig(
         algorithm=cfg.algorithm, lr=cfg.lr, kl_beta=cfg.kl_beta, kl_target=cfg.kl_target or None,
@@ -185,7 +208,7 @@ class Trainer:
         self.whitener = RewardWhitener()
         self.resumed_from: TrainerState | None = self.checkpoints.latest()
         st = self.resumed_from
-        self.model = self._load_model(st.weights_path if st else None)
+        self.model = self._load_model(str(st.weights_folder()) if st else None)
         self.model.train()
         self.learner = PolicyLearner(self.model, learner_config(cfg), self.pad_id)
         if st is not None:
@@ -207,6 +230,10 @@ class Trainer:
             log.warning("weights up to v%d exist beyond the training state (v%d); numbering continues after them",
                         newest.version, self.version)
             self.version = newest.version
+        self.publish_dtype = publish_dtype(cfg)
+        self.state_step = st.step if st is not None else 0  # the step of the newest training state
+        self.state_time = time.monotonic()
+        self.last_step_time = time.monotonic()
         self.recent: collections.deque[StepStats] = collections.deque(maxlen=64)
         self.progress = self._progress()
         self.evaluator = None
@@ -216,6 +243,10 @@ class Trainer:
         self._state_lock = threading.Lock()
         # Set by the TrainingLoop that runs `run` to make it return.
         self.stopping = threading.Event()
+        self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainer-calls")
+        # (version, path, sha256) of the newest version this trainer published or resumed from
+        self._published: tuple[int, str, str] | None = (
+            (st.version, st.weights_path, st.weights_sha256) if st is not None else None)
 
     def _load_model(self, checkpoint: str | None):
         """The policy to train: full weights, or the base model plus a trainable LoRA adapter."""
@@ -258,7 +289,13 @@ class Trainer:
         producer = Producer(self.bus, client_id="trainer")
         if self.resumed_from is not None:
             st = self.resumed_from
-            self._announce(producer, topics.weights, st.version, st.weights_path, st.weights_sha256)
+            if self.version == st.version:
+                self._announce(producer, topics.weights, st.version, st.weights_path, st.weights_sha256)
+            else:  # versions after the state were published before a crash: serve the state's weights again
+                log.warning("continuing from the training state of step %d (v%d); versions up to v%d were published "
+                            "after it and are left behind", st.step, st.version, self.version)
+                with self._state_lock:
+                    self._publish(producer, topics.weights, self.version + 1, "resume")
         reward = RewardClient(self.cfg.reward_addr, retry_s=self.cfg.rpc_retry_s, tls_ca_file=self.cfg.tls_ca_file)
         reference = ReferenceClient(self.cfg.reference_addr, retry_s=self.cfg.rpc_retry_s,
                                     tls_ca_file=self.cfg.tls_ca_file)
@@ -283,9 +320,11 @@ class Trainer:
                     continue
                 if not use_rollouts:
                     self._read_labels(labels, pairs, timeout_ms=200)
+                    self._save_if_idle()
                     continue
                 t_wait = time.perf_counter()
                 while len(buf.complete) < self.cfg.groups_per_step and not self.stopping.is_set():
+                    self._save_if_idle()
                     dup_before, rep_before = consumer.duplicates, buf.repeated
                     for rec in consumer.poll(timeout_ms=200):
                         buf.add(rec)
@@ -334,6 +373,9 @@ class Trainer:
                 failpoints.reached("trainer.weights_published")
                 consumer.commit_offsets(self.offsets)
                 self.progress = self._progress()
+            if self.step > self.state_step:  # stopping, or max_steps reached
+                with self._state_lock:
+                    self._save_state("stop")
         finally:
             for c in (consumer, labels):
                 if c is not None:
@@ -432,8 +474,15 @@ class Trainer:
         responses = [list(r.response_token_ids) for r in rollouts]
 
         t = time.perf_counter()
-        scores, reward_version = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
-        ref_lps = reference.logprobs(prompts, responses)
+        # Both services at once: the reference's call runs on a thread while the reward's
+        # runs here (each client retries transient failures by itself).
+        ref_call = self._calls.submit(reference.logprobs, prompts, responses)
+        try:
+            scores, reward_version = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
+        except BaseException:
+            concurrent.futures.wait([ref_call])
+            raise
+        ref_lps = ref_call.result()
         # Nothing is changed before both calls have answered, so a refused batch can be retried.
         learn_scores = self.whitener(scores, reward_version) if self.cfg.reward_whiten else scores
         self.metrics.phase_seconds.labels("scoring").observe(time.perf_counter() - t)
@@ -522,20 +571,47 @@ class Trainer:
                    "done_prompts": list(self.taken_prompts)},
         )
 
-    def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
-        t = time.perf_counter()
-        ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, stats.version, stats.step,
+    def _publish(self, producer: Producer, topic: str, version: int, kind: str, label_ids=()) -> None:
+        """Save the model's weights as `version` (serving dtype) and announce it; save the
+        training state too when one is due (caller holds the state lock)."""
+        ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, version, self.step,
                                extra={"groups_consumed": self.groups_consumed,
-                                      "rollouts_consumed": self.rollouts_consumed, "step_kind": stats.kind})
-        if stats.label_ids:  # which feedback went into this version, kept beyond pruning
-            self.store.append_lineage(self.cfg.model_name, {"version": ckpt.version, "step": stats.step,
-                                                            "kind": stats.kind, "label_ids": list(stats.label_ids)})
+                                      "rollouts_consumed": self.rollouts_consumed, "step_kind": kind},
+                               dtype=self.publish_dtype)
+        if label_ids:  # which feedback went into this version, kept beyond pruning
+            self.store.append_lineage(self.cfg.model_name, {"version": ckpt.version, "step": self.step,
+                                                            "kind": kind, "label_ids": list(label_ids)})
         self.version = ckpt.version
-        if self.step % self.cfg.checkpoint_every == 0:
-            self.checkpoints.save(self._state(ckpt.version, str(ckpt.path), ckpt.sha256))
-            self.metrics.checkpoints.inc()
+        self._published = (ckpt.version, str(ckpt.path), ckpt.sha256)
+        every_s = self.cfg.checkpoint_every_s
+        if (self.step - self.state_step >= self.cfg.checkpoint_every
+                or (every_s and time.monotonic() - self.state_time >= every_s)):
+            self._save_state("due")
         self._announce(producer, topic, ckpt.version, str(ckpt.path), ckpt.sha256)
         self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
+
+    def _save_if_idle(self) -> None:
+        """Save the training state when steps were made since the last one and none for a while."""
+        if (self.cfg.checkpoint_idle_s and self.step > self.state_step
+                and time.monotonic() - self.last_step_time >= self.cfg.checkpoint_idle_s):
+            with self._state_lock:
+                self._save_state("idle")
+
+    def _save_state(self, why: str) -> None:
+        """Save the full training state now (caller holds the state lock)."""
+        t = time.perf_counter()
+        version, path, sha = self._published or (self.version, self.cfg.model, "")
+        self.checkpoints.save(self._state(version, path, sha), model=self.model)
+        self.state_step, self.state_time = self.step, time.monotonic()
+        self.metrics.checkpoints.inc()
+        self.metrics.phase_seconds.labels("checkpoint").observe(time.perf_counter() - t)
+        log.info("training state saved at step %d (v%d, %s) in %.2fs", self.step, version, why,
+                 time.perf_counter() - t)
+
+    def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
+        t = time.perf_counter()
+        self._publish(producer, topic, stats.version, stats.kind, stats.label_ids)
+        self.last_step_time = time.monotonic()
         self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t)
         self.recent.append(stats)
         log.info("%s step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
@@ -564,9 +640,12 @@ class Trainer:
             return self._checkpoint_now()
 
     def _checkpoint_now(self) -> Path:
-        latest = self.store.latest(self.cfg.model_name)
-        path, sha = (str(latest.path), latest.sha256) if latest else (self.cfg.model, "")
-        return self.checkpoints.save(self._state(self.version, path, sha))
+        if self._published is None:
+            latest = self.store.latest(self.cfg.model_name)
+            if latest is not None:
+                self._published = (latest.version, str(latest.path), latest.sha256)
+        self._save_state("requested")
+        return self.checkpoints.folder(self.step)
 
 
 class TrainingLoop(BackgroundLoop):

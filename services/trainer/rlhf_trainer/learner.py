@@ -16,7 +16,7 @@ import torch
 
 from rlhf_common.algos.grpo import masked_mean
 from rlhf_common.algos.kl import AdaptiveKLController, FixedKLController, kl_per_token
-from rlhf_common.algos.logprobs import pack_sequences, token_logprobs
+from rlhf_common.algos.logprobs import ResponseBatch, gather_logprobs, pack_responses, response_forward
 from rlhf_common.algos.ppo import entropy, truncated_is_weights, value_loss
 from rlhf_common.algos.dpo import sequence_logprob
 from rlhf_common.algos.registry import ALGORITHMS, PREFERENCE_LOSSES, AdvantageInputs, LossInputs, PreferenceInputs
@@ -97,15 +97,6 @@ class ValueHead(torch.nn.Module):
         return self.proj(h.float()).squeeze(-1)
 
 
-def _scatter(rows: list[list[float]], prompts: list[list[int]], shape: torch.Size) -> torch.Tensor:
-    """Place per-response-token values at their shifted-target positions in a (B, L-1) tensor."""
-    out = torch.zeros(shape)
-    for i, (p, vals) in enumerate(zip(prompts, rows)):
-        s = len(p) - 1
-        out[i, s:s + len(vals)] = torch.tensor(list(vals), dtype=torch.float32)
-    return out
-
-
 class PolicyLearner:
     def __init__(self, model, cfg: LearnerConfig, pad_id: int):
         self.model = model
@@ -117,29 +108,45 @@ class PolicyLearner:
         self.value_head = ValueHead(model.config.hidden_size) if self.estimator.needs_values else None
         params = list(model.parameters()) + (list(self.value_head.parameters()) if self.value_head else [])
         self.params = [p for p in params if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        # fused: one kernel over all parameters instead of a loop of small ops (several
+        # times faster on CPU for a 135M model; same algorithm and state layout).
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_target is not None else FixedKLController(cfg.kl_beta))
         self.rng = random.Random(cfg.seed)
         self.updates = 0
 
     # -- forward ------------------------------------------------------------------------
-    def _forward(self, input_ids, attn, want_values: bool):
-        out = self.model(input_ids=input_ids, attention_mask=attn, output_hidden_states=want_values)
-        logp = token_logprobs(out.logits, input_ids)
-        values = self.value_head(out.hidden_states[-1][:, :-1]) if want_values else None
-        return logp, out.logits[:, :-1], values
+    def _forward(self, batch: ResponseBatch, want_values: bool):
+        """Log-probs (B, R) and logits (B, R, V) of the response tokens, and the values
+        (B, R) when asked (see ResponseBatch for what is computed and what is not)."""
+        logits, hidden = response_forward(self.model, batch, output_hidden_states=want_values)
+        logp = gather_logprobs(logits, batch.targets)
+        values = self.value_head(hidden) if want_values else None
+        return logp, logits, values
 
     # -- one step -------------------------------------------------------------------------
     def step(self, batch: RolloutBatch) -> StepResult:
         cfg = self.cfg
-        input_ids, attn, mask = pack_sequences(batch.prompts, batch.responses, self.pad_id)
-        behaviour = _scatter(batch.behaviour_logprobs, batch.prompts, mask.shape)
-        ref = _scatter(batch.ref_logprobs, batch.prompts, mask.shape)
+        packed = pack_responses(batch.prompts, batch.responses, self.pad_id)
+        mask = packed.mask
+        behaviour = packed.rows(batch.behaviour_logprobs)
+        ref = packed.rows(batch.ref_logprobs)
         scores = torch.tensor(batch.scores, dtype=torch.float32)
         with_values = self.value_head is not None
+        B = mask.shape[0]
+        mb = cfg.minibatch_size or B
+        # One epoch over one minibatch: the weights have not changed when the loss is taken,
+        # so the log-probs and values "before the update" are those of the training forward
+        # pass itself (detached). Exactly the same step, with one forward pass instead of two.
+        one_pass = cfg.epochs == 1 and mb >= B
+        if one_pass:
+            first = self._forward(packed, want_values=with_values)
+            old_logp, old_values = first[0].detach(), first[2].detach() if with_values else None
+        else:
+            with torch.no_grad():
+                old_logp, _, old_values = self._forward(packed, want_values=with_values)
         with torch.no_grad():
-            old_logp, _, old_values = self._forward(input_ids, attn, want_values=with_values)
             kl_old = kl_per_token(old_logp, ref, cfg.kl_estimator) * mask
             beta = self.kl_ctl.beta
             est = self.estimator.fn(AdvantageInputs(
@@ -150,15 +157,17 @@ class PolicyLearner:
             is_w = truncated_is_weights(old_logp, behaviour, cfg.is_cap) * mask
             diff = ((old_logp - behaviour).abs() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-        B = input_ids.shape[0]
-        mb = cfg.minibatch_size or B
         totals = {"loss": 0.0, "clip": 0.0, "vloss": 0.0, "ent": 0.0, "n": 0}
         for _ in range(cfg.epochs):
             order = list(range(B))
             self.rng.shuffle(order)
             for start in range(0, B, mb):
-                idx = torch.tensor(order[start:start + mb])
-                logp, logits, values = self._forward(input_ids[idx], attn[idx], want_values=with_values)
+                if one_pass:
+                    idx = torch.arange(B)
+                    logp, logits, values = first
+                else:
+                    idx = torch.tensor(order[start:start + mb])
+                    logp, logits, values = self._forward(packed.select(idx), want_values=with_values)
                 m = mask[idx]
                 pl = self.loss_fn(LossInputs(logp=logp, old_logp=old_logp[idx], advantages=adv[idx], mask=m,
                                              is_weights=is_w[idx], clip_eps=cfg.clip_eps))
@@ -195,10 +204,9 @@ class PolicyLearner:
         optimizer as the RL steps, so both kinds of step can be interleaved."""
         fn = PREFERENCE_LOSSES.get(loss)
         n = len(batch.prompts)
-        input_ids, attn, mask = pack_sequences(batch.prompts + batch.prompts, batch.chosen + batch.rejected,
-                                               self.pad_id)
-        logp, _, _ = self._forward(input_ids, attn, want_values=False)
-        seq = sequence_logprob(logp, mask)
+        packed = pack_responses(batch.prompts + batch.prompts, batch.chosen + batch.rejected, self.pad_id)
+        logp, _, _ = self._forward(packed, want_values=False)
+        seq = sequence_logprob(logp, packed.mask)
         out = fn(PreferenceInputs(seq[:n], seq[n:], torch.tensor(batch.ref_chosen), torch.tensor(batch.ref_rejected),
                                   beta))
         self.optimizer.zero_grad(set_to_none=True)
