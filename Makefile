@@ -14,7 +14,8 @@ VARIANT ?= cpu
 POLICY_EXTRA := $(if $(filter gpu,$(VARIANT)),policy-gpu,policy)
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
-	bench-policy bench-reward train-reward bench-active browser-deps test-faults reliability
+	bench-policy bench-reward train-reward bench-active browser-deps test-faults reliability \
+	bench-loop bench-loop-tiny
 
 install: $(STAMP) proto
 
@@ -118,6 +119,17 @@ $(VENV)/.helm: $(STAMP)
 
 bench-policy: install $(VENV)/.smollm2
 	$(PY) bench/policy/run.py
+
+$(VENV)/.bench: $(STAMP) $(VENV)/.smollm2
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+# The whole loop against TRL's GRPOTrainer, side by side, 12 minutes each (bench/loop/RESULTS.md).
+bench-loop: install $(VENV)/.bench
+	$(PY) bench/loop/run.py --model smollm2 --minutes 12
+
+bench-loop-tiny: install $(VENV)/.bench
+	$(PY) bench/loop/run.py --model tiny --minutes 2
 
 # Regenerates the configuration table in README.md from the config dataclasses.
 docs: install

@@ -160,9 +160,19 @@ def account(st, traffic: Traffic, fault: str, reliability, note: str = "") -> No
     twice = [p for p in prompts if taken[p] > 1]
     dup_rollouts = len(ids) - len(set(ids))
     labels = labels_of(st, feedback) if feedback else []
-    per_label = collections.Counter(x.label_id for x in labels)
-    lost_fb = [f for f in feedback if per_label[label_id(f)] == 0]
-    dup_fb = sum(per_label[label_id(f)] - 1 for f in feedback if per_label[label_id(f)] > 1)
+    per_label: dict[str, set[bytes]] = collections.defaultdict(set)
+    sends = collections.Counter(x.label_id for x in labels)
+    for x in labels:
+        per_label[x.label_id].add(x.SerializeToString(deterministic=True))
+    lost_fb = [f for f in feedback if not per_label[label_id(f)]]
+    # Two different labels for one feedback item would be a duplicate. The same label sent
+    # again (a kill between the broker's acknowledgement and the join's commit: labels are
+    # sent at least once) is one label: every consumer of rlhf.labels drops repeats by id.
+    dup_fb = sum(len(per_label[label_id(f)]) - 1 for f in feedback if len(per_label[label_id(f)]) > 1)
+    resent = sum(sends[label_id(f)] - 1 for f in feedback if sends[label_id(f)] > 1)
+    if resent:
+        note = f"{note}; " if note else ""
+        note += f"{resent} label record(s) sent again after a kill, byte for byte (dropped by id downstream)"
     reliability(Row(fault, len(prompts) + len(feedback), len(prompts) - len(lost_prompts) + len(feedback)
                     - len(lost_fb), 0, len(lost_prompts) + len(lost_fb), len(twice) + dup_rollouts + dup_fb,
                     traffic.errors, note))

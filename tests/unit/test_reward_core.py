@@ -218,3 +218,35 @@ def test_length_buckets_bound_padding_and_cover_every_item():
         assert len(ls) * max(ls) <= 1.25 * sum(ls)
     assert groups[0] == [1, 4, 2, 6]  # 10, 11, 12, 13 run together
     assert length_buckets([], 0.25) == []
+
+
+def test_rows_sharing_a_prompt_score_as_whole_rows(tiny):
+    """Samples of one prompt share its tokens: the prefix runs once through a key-value
+    cache. The scores must equal the model's own forward pass on each whole row."""
+    import torch
+
+    from rlhf_reward.core import prefix_groups
+
+    m = RewardModel(tiny[0], max_length=256)
+    assert m.shares_prefixes
+    prompt = "the quick brown fox jumps over the lazy dog and then " * 3
+    items = ([ScoreItem(prompt, r) for r in ("a", "b c d e", "tail of another length entirely", "b c d e")]
+             + [ScoreItem("short one", "x y"), ScoreItem(prompt + " other", "z")])
+    enc = m.encode(items)
+    groups, rest = prefix_groups([r["input_ids"] for r in enc.rows], m.tokenizer.pad_token_id)
+    assert [g for _, g in groups] == [[0, 1, 2, 3, 5]] and rest == [4]
+    assert groups[0][0] >= 16
+    got = [r.score for r in m.forward(enc.rows, enc.truncated)]
+    with torch.inference_mode():
+        want = [m.model(input_ids=torch.tensor([r["input_ids"]])).logits[0, 0].item() for r in enc.rows]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert len(set(round(x, 4) for x in got)) >= 4  # different rows, different scores
+
+
+def test_prefix_groups_keep_rows_whose_last_real_token_is_in_the_prefix_apart():
+    from rlhf_reward.core import MIN_SHARED_PREFIX, prefix_groups
+
+    p = list(range(1, MIN_SHARED_PREFIX + 5))
+    rows = [p + [50], p + [51, 52], p + [0, 0], list(range(100, 130))]  # row 2: only padding after the prefix
+    groups, rest = prefix_groups(rows, pad=0)
+    assert groups == [(len(p), [0, 1])] and rest == [2, 3]

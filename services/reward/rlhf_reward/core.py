@@ -97,6 +97,56 @@ def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
     return groups
 
 
+MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a second pass
+
+
+def _shares_prefixes(model) -> bool:
+    """Whether rows with a shared prefix can be scored through a key-value cache: a decoder
+    whose head is a linear layer on the last token's hidden state (Llama, Qwen, Mistral,
+    SmolLM... sequence classifiers), not an encoder such as BERT."""
+    import inspect
+
+    head = getattr(model, "score", None)
+    base = getattr(model, "base_model", None)
+    return (isinstance(head, torch.nn.Linear) and base is not None and base is not model
+            and "past_key_values" in inspect.signature(base.forward).parameters
+            and not getattr(model.config, "is_encoder_decoder", False))
+
+
+def _last_real(ids: list[int], pad: int | None) -> int:
+    """Index of the last token that is not `pad` (what the classifier's pooling reads), or -1."""
+    for j in range(len(ids) - 1, -1, -1):
+        if ids[j] != pad:
+            return j
+    return -1
+
+
+def prefix_groups(rows: list[list[int]], pad: int | None) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Rows that share a prefix of at least MIN_SHARED_PREFIX tokens (the samples of one
+    prompt): [(prefix length, row indices)], and the indices of the other rows."""
+    by_start: dict[tuple[int, ...], list[int]] = {}
+    rest = []
+    for i, r in enumerate(rows):
+        (by_start.setdefault(tuple(r[:MIN_SHARED_PREFIX]), []) if len(r) > MIN_SHARED_PREFIX else rest).append(i)
+    groups = []
+    for members in by_start.values():
+        if len(members) < 2:
+            rest.extend(members)
+            continue
+        n = min(len(rows[i]) for i in members) - 1  # every row keeps at least one token of its own
+        first = rows[members[0]]
+        for i in members[1:]:
+            r = rows[i]
+            n = next((j for j in range(n) if r[j] != first[j]), n)
+        ok = [i for i in members if _last_real(rows[i], pad) >= n]
+        rest.extend(i for i in members if i not in ok)
+        if n >= MIN_SHARED_PREFIX and len(ok) >= 2:
+            groups.append((n, ok))
+        else:
+            rest.extend(ok)
+    return groups, sorted(rest)
+
+
 class RewardModel:
     """A transformers sequence-classification model with one output logit (blocking calls).
 
@@ -127,6 +177,7 @@ class RewardModel:
         self.sha256 = sha256 or meta.get("sha256", "")
         # Most padding accepted in one forward pass, as a fraction of its real tokens.
         self.max_padding = 0.25
+        self.shares_prefixes = _shares_prefixes(self.model)
         self._lock = threading.Lock()
 
     def encode(self, items: list[ScoreItem]) -> "Encoded":
@@ -138,16 +189,46 @@ class RewardModel:
 
     def forward(self, rows: list[dict], truncated: list[bool]) -> list[ScoreResult]:
         """Score encoded items (blocking: call it from the model thread, never the event loop)."""
-        lengths = [len(r["input_ids"]) for r in rows]
         scores = [0.0] * len(rows)
         with self._lock, torch.inference_mode():
+            rest = list(range(len(rows)))
+            if self.shares_prefixes:
+                groups, rest = prefix_groups([rows[i]["input_ids"] for i in rest], self.tokenizer.pad_token_id)
+                for n, group in groups:
+                    for i, s in zip(group, self._score_with_prefix([rows[i]["input_ids"] for i in group], n)):
+                        scores[i] = s
+            lengths = [len(rows[i]["input_ids"]) for i in rest]
             # On CPU the forward pass costs what its padded tokens cost: pairs of similar
             # length are run together so that padding stays small.
-            for group in length_buckets(lengths, self.max_padding):
+            for bucket in length_buckets(lengths, self.max_padding):
+                group = [rest[j] for j in bucket]
                 batch = self.tokenizer.pad([rows[i] for i in group], return_tensors="pt")
                 for i, s in zip(group, self.model(**batch).logits[:, 0].tolist()):
                     scores[i] = s
         return [ScoreResult(float(s), t) for s, t in zip(scores, truncated)]
+
+    def _score_with_prefix(self, ids: list[list[int]], n: int) -> list[float]:
+        """Scores of rows that share their first `n` tokens: the prefix goes through the
+        model once, and its keys and values serve every row's remaining tokens. The same
+        scores as whole rows (the head reads the last token that is not padding, as the
+        model's own pooling does; `prefix_groups` keeps only rows where that token lies
+        after the prefix)."""
+        base = self.model.base_model
+        cache = base(input_ids=torch.tensor([ids[0][:n]]), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(ids))
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r) for r in ids) - n
+        suffix = torch.full((len(ids), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(ids), n + width), dtype=torch.long)
+        attn[:, :n] = 1
+        for i, r in enumerate(ids):
+            suffix[i, :len(r) - n] = torch.tensor(r[n:], dtype=torch.long)
+            attn[i, n:len(r)] = 1
+        pos = torch.arange(n, n + width).expand(len(ids), -1)
+        hidden = base(input_ids=suffix, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                      use_cache=True).last_hidden_state
+        last = torch.tensor([_last_real(r, pad) - n for r in ids])
+        return self.model.score(hidden[torch.arange(len(ids)), last])[:, 0].tolist()
 
     def score(self, items: list[ScoreItem]) -> list[ScoreResult]:
         """Tokenize and score in one blocking call."""
