@@ -300,7 +300,9 @@ class Stack:
             self.broker.stop()
 
     def __enter__(self) -> "Stack":
-        return self.start()
+        # `with Stack(spec).start() as st:` must not start a second stack beside the first
+        # (the first would outlive the block).
+        return self if self.procs else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -100,3 +100,14 @@ def test_a_port_taken_before_the_service_binds_it_is_replaced(tmp_path, monkeypa
         assert "(its port was taken); starting again on other free ports" in out, out
     finally:
         thief.close()
+
+
+def test_a_started_stack_used_in_a_with_block_is_not_started_twice(tmp_path):
+    """`with Stack(spec).start() as st:` gives the started stack back, and stops it at the end
+    of the block: nothing of it outlives the block."""
+    started = Stack(StackSpec(run_dir=tmp_path, services=("reward",))).start()
+    procs = dict(started.procs)
+    broker = started.broker.proc
+    with started as st:
+        assert st is started and st.procs == procs and st.broker.proc is broker
+    assert all(p.poll() is not None for p in procs.values()) and broker.poll() is not None
