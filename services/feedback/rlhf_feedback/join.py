@@ -24,7 +24,6 @@ as new feedback), and the outbox by `mark_sent`. The bounds on time and count ar
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from rlhf.events.v1 import events_pb2
+from rlhf_common.trace import label_id
 
 KINDS = ("thumb", "rating", "pairwise", "edit")
 # How many evicted generation ids are remembered, per allowed stored generation.
@@ -96,11 +96,6 @@ class _Answer:
     prompt: str
     response: str
     policy_version: int
-
-
-def label_id(feedback_id: str) -> str:
-    """The label's id is a function of the feedback id, so a label produced twice is recognisable."""
-    return "lbl-" + hashlib.sha256(feedback_id.encode()).hexdigest()[:32]
 
 
 def signal_kind(fb: events_pb2.Feedback) -> str:

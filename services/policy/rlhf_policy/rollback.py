@@ -8,6 +8,7 @@ s3://bucket/rlhf, with the store's credentials in the environment); --uri may be
 
 Publishes a WeightUpdate with rollback=true on rlhf.weights (Kafka at RLHF_KAFKA_BOOTSTRAP).
 Every policy replica switches to that version; newer versions published later apply as usual.
+The update is built and sent by `rlhf_common.rollback` (also behind `rlhfctl rollback`).
 """
 
 from __future__ import annotations
@@ -15,34 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf.events.v1 import events_pb2
-from rlhf_common.bus import Producer, now_ms
 from rlhf_common.config import BusConfig
-from rlhf_common.objstore import is_remote, redact
-from rlhf_common.topics import Topics
-from rlhf_common.weights import WeightStore, digest, fetch
+from rlhf_common.rollback import build_update, publish
 
-
-def build_update(model_name: str, version: int, weight_store: str | None, uri: str | None) -> events_pb2.WeightUpdate:
-    if version < 0:
-        raise ValueError(f"--version={version}: must be >= 0")
-    if bool(weight_store) == bool(uri):
-        raise ValueError("give exactly one of --weight-store (a published version) or --uri (a model folder)")
-    if weight_store:
-        store = WeightStore(weight_store)
-        have = store.versions(model_name)
-        if version not in have:
-            raise ValueError(f"version {version} of {model_name!r} is not in {redact(weight_store)!r} (have {have})")
-        ckpt = store.load_manifest(model_name, version)
-        target, sha = str(ckpt.path), ckpt.sha256
-        lora = store.has_file(model_name, version, "adapter_config.json")
-    else:
-        path = fetch(uri)  # a folder on object storage is downloaded (and cached) to be hashed
-        target, sha = (uri if is_remote(uri) else str(path)), digest(path)
-        lora = (path / "adapter_config.json").exists()
-    fmt = events_pb2.WeightUpdate.FORMAT_LORA if lora else events_pb2.WeightUpdate.FORMAT_FULL
-    return events_pb2.WeightUpdate(model_name=model_name, version=version, uri=target, format=fmt, sha256=sha,
-                                   rollback=True, created_unix_ms=now_ms())
+__all__ = ["build_update", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,12 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         update = build_update(args.model_name, args.version, args.weight_store, args.uri)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    bus = BusConfig.load()
-    p = Producer(bus, client_id="rollback")
-    try:
-        p.send(Topics(bus.topic_prefix).weights, args.model_name, update)
-    finally:
-        p.close()
+    publish(BusConfig.load(), update)
     print(f"published rollback of {args.model_name!r} to version {args.version} ({update.uri})")
 
 
