@@ -63,8 +63,9 @@ class TopicReader(Generic[M]):
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     bootstrap_timeout_ms=int(connect_timeout_s * 1000),
                                     request_timeout_ms=max(1000, int(connect_timeout_s * 1000)))
-        except Exception as e:  # kafka-python raises NoBrokersAvailable, or a socket error
-            raise ConnectionError(f"Kafka at {bus.bootstrap} unreachable ({type(e).__name__}: {e})") from None
+        except Exception as e:  # kafka-python raises NoBrokersAvailable, a timeout, or a socket error
+            why = str(e) if str(e).startswith(type(e).__name__) else f"{type(e).__name__}: {e}"
+            raise ConnectionError(f"Kafka at {bus.bootstrap} unreachable ({why})") from None
         deadline = time.monotonic() + connect_timeout_s
         parts = self._c.partitions_for_topic(topic)
         while not parts and time.monotonic() < deadline:
