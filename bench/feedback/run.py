@@ -282,17 +282,43 @@ class Service:
         self.proc.wait()
 
 
-def start_service(bus, state_dir: Path, log: Path) -> Service:
+# The service's own entry point, started with the join's two hard-coded consumer settings
+# changed (a what-if: nothing in the repository changes): the fetch wait of
+# `rlhf_common.bus.Consumer` (500 ms) and the poll timeout of the join loop (100 ms per topic).
+WHAT_IF = """
+import functools
+import rlhf_common.bus as bus
+init, poll = bus.Consumer.__init__, bus.Consumer.poll
+
+@functools.wraps(init)
+def init_(self, *a, **kw):
+    kw.setdefault("fetch_max_wait_ms", {fetch_wait_ms})
+    init(self, *a, **kw)
+
+@functools.wraps(poll)
+def poll_(self, timeout_ms=200, max_records=64):
+    return poll(self, min(timeout_ms, {poll_ms}), max_records)
+
+bus.Consumer.__init__, bus.Consumer.poll = init_, poll_
+from rlhf_common import service
+from rlhf_feedback.__main__ import main
+service.cli(main, "rlhf_feedback")
+"""
+
+
+def start_service(bus, state_dir: Path, log: Path, what_if: tuple[int, int] | None = None, **settings) -> Service:
     import httpx
 
     from rlhf_devstack.stack import free_port, wait_healthy
     from rlhf_feedback.config import FeedbackConfig
 
     cfg = FeedbackConfig(server={"port": free_port(), "metrics_port": free_port()}, http_port=free_port(),
-                         state_dir=str(state_dir))
+                         state_dir=str(state_dir), **settings)
     env = {**os.environ, **bus.to_env(), **cfg.to_env(), "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_feedback"], env=env, stdout=out,
+        cmd = ["-m", "rlhf_feedback"] if what_if is None else [
+            "-c", WHAT_IF.format(fetch_wait_ms=what_if[0], poll_ms=what_if[1])]
+        proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     svc = Service(proc, cfg, log, state_dir)
     try:
@@ -313,7 +339,7 @@ def start_service(bus, state_dir: Path, log: Path) -> Service:
     return svc
 
 
-def publish_generations(bus, gens, svc: Service, timeout_s: float = 120) -> float:
+def publish_generations(bus, gens, svc: Service, timeout_s: float = 300) -> float:
     """Write the answers to rlhf.generations and wait until the join has read them; returns seconds."""
     from rlhf_common.bus import Producer
     from rlhf_common.topics import Topics
@@ -336,6 +362,41 @@ def publish_generations(bus, gens, svc: Service, timeout_s: float = 120) -> floa
     return time.monotonic() - t0
 
 
+def ingest_generations(bus, svc: Service, gens, broker_pid: int, work: Path, args) -> list[dict]:
+    """Feed the served answers to the join in `args.ingest_chunks` chunks and time each. With
+    `--ingest-compare`, a second service with the rating queue off (RLHF_FEEDBACK_RATE_ENABLED=false)
+    on its own topics gets as many answers of its own, chunk by chunk in turn with the first."""
+    from rlhf_common.bus import ensure_topics
+    from rlhf_common.config import BusConfig
+
+    sides = [("rate queue on (default)", bus, svc, gens)]
+    other = None
+    if args.ingest_compare:
+        bus_off = BusConfig(bootstrap=bus.bootstrap, topic_prefix=bus.topic_prefix + "off")
+        ensure_topics(bus_off)
+        other = start_service(bus_off, work / "state-off", work / "feedback-off.log", rate_enabled=False)
+        sides.append(("rate queue off", bus_off, other, generations(len(gens) // 2, args.seed + 1)))
+    rows = []
+    try:
+        k = args.ingest_chunks
+        for i in range(k):
+            for name, b, s, g in sides:
+                chunk = g[i * len(g) // k:(i + 1) * len(g) // k]
+                c0 = cpu_s(s.proc.pid)
+                secs = publish_generations(b, chunk, s)
+                rows.append({"side": name, "chunk": i + 1, "generations": len(chunk),
+                             "stored_before": i * len(g) // k, "seconds": round(secs, 2),
+                             "per_s": round(len(chunk) / secs, 1),
+                             "service_cpu_ms_per_generation": round(1000 * (cpu_s(s.proc.pid) - c0) / len(chunk), 2)})
+                print(f"  ingest {name:<24} chunk {i + 1}: {len(chunk)} generations (after {rows[-1]['stored_before']}) "
+                      f"read by the join in {secs:5.1f} s = {rows[-1]['per_s']:6.1f}/s, "
+                      f"{rows[-1]['service_cpu_ms_per_generation']:.2f} ms CPU each", flush=True)
+    finally:
+        if other is not None:
+            other.stop()
+    return rows
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -348,10 +409,19 @@ class RawHttp:
         self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, path: str, body: bytes) -> int:
-        if self.conns:
-            reader, writer = self.conns.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+        """POST and return the status. A kept-alive connection the server closed meanwhile is
+        retried once on a fresh one (what any keep-alive client does)."""
+        while True:
+            reused = bool(self.conns)
+            reader, writer = self.conns.pop() if reused else await asyncio.open_connection(self.host, self.port)
+            try:
+                return await self._exchange(reader, writer, path, body)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                if not reused:
+                    raise
+
+    async def _exchange(self, reader, writer, path: str, body: bytes) -> int:
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         head = await reader.readuntil(b"\r\n\r\n")
@@ -375,7 +445,10 @@ async def rest_sender(svc: Service, concurrency: int):
     client = RawHttp("127.0.0.1", svc.cfg.http_port)
 
     async def send(item: Item) -> bool:
-        return await client.post("/v1/feedback", json.dumps(item.rest()).encode()) == 200
+        status = await client.post("/v1/feedback", json.dumps(item.rest()).encode())
+        if status != 200:
+            print(f"    {item.feedback_id}: HTTP {status}", flush=True)
+        return status == 200
 
     return send, client.close
 
@@ -422,7 +495,8 @@ async def drive(make_sender, svc: Service, items: list[Item], concurrency: int, 
         t0 = time.time()
         try:
             ok = await send(item)
-        except Exception:  # a transport error counts as a failed item
+        except Exception as e:  # a transport error counts as a failed item
+            print(f"    {item.feedback_id}: {type(e).__name__}: {e}", flush=True)
             ok = False
         out[item.feedback_id] = (t0, time.time(), ok)
 
@@ -516,6 +590,51 @@ def run_phase(name: str, mode: str, svc: Service, broker_pid: int, watch: LabelW
           f"{res['e2e_ms']['p50']:6.1f}/{res['e2e_ms']['p90']:6.1f}/{res['e2e_ms']['p99']:6.1f} ms"
           f"  missing {len(missing)}  failed {res['failed']}", flush=True)
     return res
+
+
+def compare_join_settings(bus, svc: Service, watch: LabelWatch, broker_pid: int, gens, work: Path, args,
+                          rng: random.Random) -> dict:
+    """The default service against one started with the join's consumer settings changed
+    (`--what-if`): idle CPU side by side, then the light-load phases and REST c=8, in turn."""
+    from rlhf_common.bus import ensure_topics
+    from rlhf_common.config import BusConfig
+
+    fetch_wait_ms, poll_ms = (int(x) for x in args.what_if.split(","))
+    bus_w = BusConfig(bootstrap=bus.bootstrap, topic_prefix=bus.topic_prefix + "w")
+    ensure_topics(bus_w)
+    other = start_service(bus_w, work / "state-w", work / "feedback-w.log", what_if=(fetch_wait_ms, poll_ms))
+    watch_w = None
+    try:
+        subset = gens[:1000]
+        publish_generations(bus_w, subset, other)
+        watch_w = LabelWatch(bus_w)
+        watch_w.start()
+        time.sleep(3)  # both idle
+        c0, b0, t0 = (cpu_s(svc.proc.pid), cpu_s(other.proc.pid)), cpu_s(broker_pid), time.monotonic()
+        time.sleep(args.probe_idle_s)
+        span = time.monotonic() - t0
+        idle = {"seconds": round(span, 1), "default_service_cpu_pct": round(100 * (cpu_s(svc.proc.pid) - c0[0]) / span, 2),
+                "what_if_service_cpu_pct": round(100 * (cpu_s(other.proc.pid) - c0[1]) / span, 2),
+                "broker_cpu_pct_both": round(100 * (cpu_s(broker_pid) - b0) / span, 2)}
+        print(f"  idle CPU: default service {idle['default_service_cpu_pct']}%, what-if service "
+              f"{idle['what_if_service_cpu_pct']}% of a core (broker, both: {idle['broker_cpu_pct_both']}%)",
+              flush=True)
+        phases = []
+        plan = [(float(x), 0) for x in args.light_rates.split(",") if x.strip()] + [(None, 8)]
+        for rate, c in plan:
+            n = max(10, round(rate * args.light_s)) if rate else args.items // 2
+            items = make_items(subset, n, f"wi{rate}-{c}", rng)
+            for side, s, w in (("default", svc, watch), ("what-if", other, watch_w)):
+                name = f"{side}: " + (f"REST {rate:g}/s open loop" if rate else f"REST c={c}")
+                res = run_phase(name, "rest", s, broker_pid, w, items, c, rate, args.seed)
+                res.update(side=side)
+                phases.append(res)
+        return {"fetch_wait_ms": fetch_wait_ms, "poll_ms": poll_ms, "idle": idle, "phases": phases}
+    finally:
+        if watch_w is not None:
+            watch_w.stop.set()
+            watch_w.join(5)
+        other.stop()
 
 
 # ---------------------------------------------------------------- fetch-wait probe
@@ -645,21 +764,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--httpx-concurrency", type=int, default=8,
                     help="REST clients on httpx instead of the minimal client, to show a common client's cost (0: none)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the alternating phases")
-    ap.add_argument("--requests", type=int, default=2000, help="served requests (two answers each) to judge")
+    ap.add_argument("--requests", type=int, default=3000, help="served requests (two answers each) to judge")
+    ap.add_argument("--ingest-chunks", type=int, default=3, help="chunks the served answers are written in")
+    ap.add_argument("--ingest-compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the join's intake with the rating queue off, on a second service")
     ap.add_argument("--light-rates", default="2,20", help="items/s of the open-loop light-load phases (empty: none)")
-    ap.add_argument("--light-s", type=float, default=20.0, help="seconds of each light-load phase")
+    ap.add_argument("--light-s", type=float, default=30.0, help="seconds of each light-load phase")
     ap.add_argument("--probe-waits", default="500,100,20", help="fetch waits (ms) for the probe (empty: none)")
     ap.add_argument("--probe-sends", type=int, default=25)
     ap.add_argument("--probe-idle-s", type=float, default=10.0)
+    ap.add_argument("--what-if", default="50,20",
+                    help="FETCH_WAIT_MS,POLL_MS: also run the light-load phases and REST c=8 on a second service "
+                         "whose join consumers use these, in turn with the default one (empty: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; --smoke: a "
                                                            "temporary one)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny run for CI: --items 200 --rounds 1 --requests 200 --light-rates 20 --light-s 4 "
-                         "--probe-waits 500 --probe-sends 8 --probe-idle-s 2")
+                         "--probe-waits 500 --probe-sends 8 --probe-idle-s 2 --ingest-chunks 1 --no-ingest-compare "
+                         "--what-if ''")
     args = ap.parse_args(argv)
     if args.smoke:
         args.items, args.rounds, args.requests, args.light_rates, args.light_s = 200, 1, 200, "20", 4.0
+        args.ingest_chunks, args.ingest_compare, args.what_if = 1, False, ""
         args.probe_waits, args.probe_sends, args.probe_idle_s = "500", 8, 2.0
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-feedback-")) if args.smoke else HERE)
     out.mkdir(parents=True, exist_ok=True)
@@ -688,8 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SQLite commit in the state folder: {commits}", flush=True)
         svc = start_service(bus, work / "state", work / "feedback.log")
         gens = generations(args.requests, args.seed)
-        load_s = publish_generations(bus, gens, svc)
-        print(f"{len(gens)} generations on rlhf.generations, read by the join in {load_s:.1f} s", flush=True)
+        ingest = ingest_generations(bus, svc, gens, broker.proc.pid, work, args)
         watch = LabelWatch(bus)
         watch.start()
         # warm-up: connections, the join's first batches
@@ -710,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"REST {rate:g}/s open loop#1"
             items = make_items(gens, max(10, round(rate * args.light_s)), f"light{rate:g}", rng)
             phases.append(run_phase(name, "rest", svc, broker.proc.pid, watch, items, 0, rate, args.seed))
+        what_if = []
+        if args.what_if:
+            what_if = compare_join_settings(bus, svc, watch, broker.proc.pid, gens, work, args, rng)
         joined = svc.metric("rlhf_feedback_join_total")
         repeats = watch.repeats
     finally:
@@ -724,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_begin)),
         "machine": machine(), "versions": versions(), "args": {k: str(v) for k, v in vars(args).items()},
         "command": "python bench/feedback/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "generations": len(gens), "generations_read_s": round(load_s, 2),
+        "generations": len(gens), "ingest": ingest,
         "mix": dict(MIX), "join_records_total": joined, "labels_seen_twice": repeats,
         "service_settings": {
             "broker_timeout_s": defaults.broker_timeout_s, "join_partitions": defaults.join_partitions or "all",
@@ -736,17 +865,29 @@ def main(argv: list[str] | None = None) -> int:
             "join_db": "SQLite WAL, synchronous=NORMAL, one transaction per polled batch",
             "join_expire_every_s": 1.0,
         },
-        "fetch_wait_probe": probe, "sqlite_commit_probe": commits, "phases": phases,
+        "what_if": what_if, "fetch_wait_probe": probe, "sqlite_commit_probe": commits, "phases": phases,
     }
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.json").write_text(dump(res))
     plot(res, out / "results.png")
-    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
     bad = [p["phase"] for p in phases if p["missing_labels"] or p["failed"]]
     if bad:
-        print(f"items failed or labels missing in: {', '.join(bad)}", file=sys.stderr)
+        print(f"items failed or labels missing in: {', '.join(bad)} (logs in {work})", file=sys.stderr)
         return 1
+    shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def dump(res: dict) -> str:
+    """JSON with one line per top-level entry and per phase (the raw series stay compact)."""
+    lines = []
+    for k, v in res.items():
+        if k == "phases":
+            inner = ",\n".join("  " + json.dumps(p) for p in v)
+            lines.append(f" {json.dumps(k)}: [\n{inner}\n ]")
+        else:
+            lines.append(f" {json.dumps(k)}: {json.dumps(v)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 if __name__ == "__main__":
