@@ -212,14 +212,17 @@ def _sum(m: dict[str, float], pattern: str) -> float:
     return sum(v for k, v in m.items() if rx.fullmatch(k))
 
 
-def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_dtype: str) -> dict:
+def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_dtype: str,
+             settings: dict | None = None, warmup_steps: int = 0) -> dict:
+    """The local stack for `seconds`; with `warmup_steps`, the clock starts after that many
+    steps (the steady state alone) instead of at the first generation."""
     import grpc
     from transformers import AutoTokenizer
 
     from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
     from rlhf_devstack.stack import Stack, StackSpec, seed_prompts
 
-    s = SETTINGS
+    s = {**SETTINGS, **(settings or {})}
     prompts = chat_prompts(AutoTokenizer.from_pretrained(policy))
     spec = StackSpec(run_dir=run_dir, policy_model=policy, reward_model=reward, rollout_n=s["group_size"],
                      max_tokens=s["max_new_tokens"], groups_per_step=s["prompts_per_step"], trainer_lr=s["lr"],
@@ -229,11 +232,14 @@ def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_d
     with Stack(spec) as st:
         trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(st.addrs["trainer"]))
         seeded = len(seed_prompts(st.bus, prompts * 2, source="bench"))
+        shown = 0
+        while shown < warmup_steps:
+            shown = trainer.Status(trainer_pb2.StatusRequest()).step
+            time.sleep(0.1)
         # The clock starts when the first rollouts are being generated, as TRL's starts at its
         # first generation: model loading and vLLM start-up are excluded on both sides.
         t0 = time.monotonic()
         before = {n: _metrics(st.metrics_ports[n]) for n in ("policy", "trainer", "reward", "reference")}
-        shown = 0
         while time.monotonic() - t0 < seconds:
             status = trainer.Status(trainer_pb2.StatusRequest())
             for r in status.recent:
@@ -248,10 +254,14 @@ def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_d
     delta = {n: {k: after[n].get(k, 0.0) - before[n].get(k, 0.0) for k in after[n]} for n in after}
     t = delta["trainer"]
     phases = {p: _sum(t, rf'rlhf_trainer_phase_seconds_sum\{{phase="{p}"\}}')
-              for p in ("wait", "scoring", "training", "sync", "checkpoint")}
+              for p in ("wait", "scoring", "training", "sync", "checkpoint", "kafka")}
     grpc_s = {n: _sum(delta[n], rf"rlhf_{n}_request_seconds_sum\{{.*\}}") for n in ("reward", "reference")}
+    calls_s = {n: _sum(t, rf'rlhf_trainer_scorer_call_seconds_sum\{{scorer="{n}"\}}') for n in ("reward", "reference")}
+    rollout_s = {p: _sum(delta["policy"], rf'rlhf_policy_rollout_seconds_sum\{{phase="{p}"\}}')
+                 for p in ("generate", "kafka")}
     return {
-        "rows": rows, "phases_s": phases, "grpc_handling_s": grpc_s,
+        "rows": rows, "phases_s": phases, "grpc_handling_s": grpc_s, "scorer_call_s": calls_s,
+        "grpc_transport_s": {n: calls_s[n] - grpc_s[n] for n in calls_s}, "policy_rollout_s": rollout_s,
         "generated_tokens": _sum(delta["policy"], r"rlhf_policy_generated_tokens_total(\{.*\})?"),
         "trained_tokens": _sum(t, r"rlhf_trainer_trained_tokens_total"),
         "reward_batch_s": _sum(delta["reward"], r"rlhf_reward_batch_seconds_sum"),
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             steps = rows[-1]["step"] if rows else 0
             summ = summarise(rows, seconds, raw["generated_tokens"], raw["trained_tokens"])
             summ["phase_s_per_step"] = {k: v / max(1, steps) for k, v in raw["phases_s"].items()}
-            summ["grpc_handling_s_per_step"] = {k: v / max(1, steps) for k, v in raw["grpc_handling_s"].items()}
+            for key in ("grpc_handling_s", "scorer_call_s", "grpc_transport_s", "policy_rollout_s"):
+                summ[f"{key}_per_step"] = {k: v / max(1, steps) for k, v in raw[key].items()}
             res["sides"]["ours"] = summ
             curves["this project"] = rows
         elif side == "limit":

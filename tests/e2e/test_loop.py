@@ -164,6 +164,15 @@ def test_trainer_metrics_describe_the_run(loop_run):
     assert 0 <= metric_value(text, "rlhf_trainer_engine_logprob_diff") < 1e-3  # NaN (never measured) fails
     for phase in ("wait", "scoring", "training", "sync"):
         assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": phase}) == EXPECTED_STEPS
+    # each step announces its version and commits its offsets, each observed as kafka time
+    assert metric_value(text, "rlhf_trainer_phase_seconds_count", {"phase": "kafka"}) >= 2 * EXPECTED_STEPS
+    for scorer in ("reward", "reference"):  # one call each per step, as the trainer timed it
+        assert metric_value(text, "rlhf_trainer_scorer_call_seconds_count", {"scorer": scorer}) == EXPECTED_STEPS
+        assert metric_value(text, "rlhf_trainer_scorer_call_seconds_sum", {"scorer": scorer}) > 0
+    policy_text = scrape(st.metrics_ports["policy"])
+    for phase in ("generate", "kafka"):  # the rollout worker timed every batch of prompts it took
+        assert metric_value(policy_text, "rlhf_policy_rollout_seconds_count", {"phase": phase}) >= 1
+    assert metric_value(policy_text, "rlhf_policy_rollout_seconds_sum", {"phase": "generate"}) > 0
 
 
 def test_heldout_evaluation_reported(loop_run):

@@ -30,6 +30,11 @@ class PolicyMetrics(RpcMetrics):
                                registry=registry)
         self.waiting = Gauge("rlhf_policy_requests_waiting_for_update",
                              "Generation requests held while a weight update is applied", registry=registry)
+        self.rollout_seconds = Histogram(
+            "rlhf_policy_rollout_seconds",
+            "Rollout worker time per batch of prompts by phase: generate (vLLM sampling the groups), kafka "
+            "(rollouts sent and acknowledged, prompt offsets committed)", ["phase"], buckets=LATENCY_BUCKETS,
+            registry=registry)
         self.groups_ahead = Gauge("rlhf_policy_rollout_groups_ahead",
                                   "Rollout groups produced but not yet consumed by the trainer",
                                   registry=registry)

@@ -124,6 +124,7 @@ class RolloutWorker(BackgroundLoop):
                 recs = list(c.poll(timeout_ms=200, max_records=max(1, budget)))
                 if not recs:
                     continue
+                t0, kafka_s = time.perf_counter(), 0.0
                 futures = [self._submit(r.record) for r in recs]
                 for rec, fut in zip(recs, futures):
                     try:
@@ -131,9 +132,15 @@ class RolloutWorker(BackgroundLoop):
                     except InvalidInput as e:  # a bad prompt never stops the worker
                         c.reject(rec, e)
                         continue
+                    t = time.perf_counter()
                     self._write(rec.record, gen, out)
+                    kafka_s += time.perf_counter() - t
                 failpoints.reached("policy.rollouts_written")
+                t = time.perf_counter()
                 self._commit(c, recs)
+                kafka_s += time.perf_counter() - t
+                self.metrics.rollout_seconds.labels("generate").observe(time.perf_counter() - t0 - kafka_s)
+                self.metrics.rollout_seconds.labels("kafka").observe(kafka_s)
         finally:
             c.close()
             out.close()

@@ -371,7 +371,9 @@ class Trainer:
                     if self.evaluator is not None and self.step % self.cfg.eval_every == 0:
                         self.run_eval(reward, reference)
                 failpoints.reached("trainer.weights_published")
+                t_commit = time.perf_counter()
                 consumer.commit_offsets(self.offsets)
+                self.metrics.phase_seconds.labels("kafka").observe(time.perf_counter() - t_commit)
                 self.progress = self._progress()
             if self.step > self.state_step:  # stopping, or max_steps reached
                 with self._state_lock:
@@ -421,6 +423,13 @@ class Trainer:
             reward_std=0.0, kl=float("nan"), loss=out["loss"], clip_fraction=0.0, entropy=float("nan"),
             value_loss=0.0, kl_beta=self.cfg.preference_beta, response_length_mean=n_tokens / (2 * len(batch)),
             version_lag_mean=0.0, step_seconds=time.perf_counter() - t0, rollouts=0, kind="labels", label_ids=ids)
+
+    def _timed(self, scorer: str, call, *args):
+        t = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self.metrics.scorer_seconds.labels(scorer).observe(time.perf_counter() - t)
 
     def _drop_invalid(self, groups: list[list[Received]], consumer: Consumer) -> list[list[Received]]:
         """Dead-letter every group holding a rollout that cannot be trained on as it stands
@@ -476,9 +485,10 @@ class Trainer:
         t = time.perf_counter()
         # Both services at once: the reference's call runs on a thread while the reward's
         # runs here (each client retries transient failures by itself).
-        ref_call = self._calls.submit(reference.logprobs, prompts, responses)
+        ref_call = self._calls.submit(self._timed, "reference", reference.logprobs, prompts, responses)
         try:
-            scores, reward_version = reward.score([(r.prompt_text, r.response_text) for r in rollouts])
+            scores, reward_version = self._timed("reward", reward.score,
+                                                 [(r.prompt_text, r.response_text) for r in rollouts])
         except BaseException:
             concurrent.futures.wait([ref_call])
             raise
@@ -571,9 +581,10 @@ class Trainer:
                    "done_prompts": list(self.taken_prompts)},
         )
 
-    def _publish(self, producer: Producer, topic: str, version: int, kind: str, label_ids=()) -> None:
+    def _publish(self, producer: Producer, topic: str, version: int, kind: str, label_ids=()) -> float:
         """Save the model's weights as `version` (serving dtype) and announce it; save the
-        training state too when one is due (caller holds the state lock)."""
+        training state too when one is due (caller holds the state lock). Returns the seconds
+        spent in the phases observed on their own (checkpoint, kafka)."""
         ckpt = self.store.save(self.model, self.tokenizer, self.cfg.model_name, version, self.step,
                                extra={"groups_consumed": self.groups_consumed,
                                       "rollouts_consumed": self.rollouts_consumed, "step_kind": kind},
@@ -584,11 +595,18 @@ class Trainer:
         self.version = ckpt.version
         self._published = (ckpt.version, str(ckpt.path), ckpt.sha256)
         every_s = self.cfg.checkpoint_every_s
+        nested = 0.0  # the checkpoint and kafka phases inside this one, observed on their own
         if (self.step - self.state_step >= self.cfg.checkpoint_every
                 or (every_s and time.monotonic() - self.state_time >= every_s)):
+            t = time.perf_counter()
             self._save_state("due")
+            nested += time.perf_counter() - t
+        t = time.perf_counter()
         self._announce(producer, topic, ckpt.version, str(ckpt.path), ckpt.sha256)
+        announced = time.perf_counter() - t
+        self.metrics.phase_seconds.labels("kafka").observe(announced)
         self.store.prune(self.cfg.model_name, self.cfg.keep_versions)
+        return nested + announced
 
     def _save_if_idle(self) -> None:
         """Save the training state when steps were made since the last one and none for a while."""
@@ -610,9 +628,9 @@ class Trainer:
 
     def save_and_publish(self, producer: Producer, topic: str, stats: StepStats) -> None:
         t = time.perf_counter()
-        self._publish(producer, topic, stats.version, stats.kind, stats.label_ids)
+        nested = self._publish(producer, topic, stats.version, stats.kind, stats.label_ids)
         self.last_step_time = time.monotonic()
-        self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t)
+        self.metrics.phase_seconds.labels("sync").observe(time.perf_counter() - t - nested)
         self.recent.append(stats)
         log.info("%s step %d -> v%d reward %.4f±%.4f kl %.5f (beta %.4f) loss %.4f lag %.2f (%d rollouts, %.2fs)",
                  stats.kind, stats.step, stats.version, stats.reward_mean, stats.reward_std, stats.kl, stats.kl_beta,

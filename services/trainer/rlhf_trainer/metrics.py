@@ -68,8 +68,15 @@ class TrainerMetrics(RpcMetrics):
             "crash)", registry=registry)
         self.duplicates = Counter("rlhf_trainer_duplicate_rollouts_total", "Rollouts skipped as duplicates",
                                   registry=registry)
-        self.phase_seconds = Histogram("rlhf_trainer_phase_seconds", "Step time by phase", ["phase"],
-                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.phase_seconds = Histogram(
+            "rlhf_trainer_phase_seconds",
+            "Step time by phase, the phases disjoint: wait (for complete groups), scoring (reward and reference, "
+            "at once), training, sync (weights written to the store), checkpoint (training state), kafka "
+            "(weight update announced, offsets committed), eval", ["phase"], buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.scorer_seconds = Histogram("rlhf_trainer_scorer_call_seconds",
+                                        "Seconds of one scoring call as the trainer sees it (gRPC included)",
+                                        ["scorer"], buckets=LATENCY_BUCKETS, registry=registry)
         self.version_lag = Histogram("rlhf_trainer_rollout_version_lag",
                                      "Policy versions between a rollout's generation and its training step",
                                      buckets=LAG_BUCKETS, registry=registry)
