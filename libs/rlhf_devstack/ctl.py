@@ -36,6 +36,7 @@ from typing import Callable, ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from rlhf.events.v1 import events_pb2
@@ -53,8 +54,6 @@ from rlhf_common.weights import WeightStore
 
 SERVICES = ("policy", "reward", "reference", "trainer", "feedback", "reward_learner")
 TAIL_TOPICS = ("rollouts", "generations", "feedback", "labels", "prompts", "weights", "dlq")
-# The trainer's consumer group of rlhf.rollouts (RLHF_TRAINER_GROUP_ID's default).
-TRAINER_GROUP = "rlhf-trainer"
 
 # Key metrics shown per service: (label, sample name, "value" or "rate"). A rate is the
 # counter's increase per second between two scrapes `--window` seconds apart.
@@ -105,6 +104,8 @@ class CtlConfig(BaseConfig):
     metrics: str = setting("", "METRICS", "Metrics endpoints, service=host:port[,service=host:port...]")
     weight_store: str = setting("", "WEIGHT_STORE", "The weight store (path or URL) for rollback and trace")
     join_state: str = setting("", "JOIN_STATE", "The feedback service's state folder (the join's offsets)")
+    trainer_group: str = setting("rlhf-trainer", "TRAINER_GROUP",
+                                 "The trainer's consumer group on rlhf.rollouts (its RLHF_TRAINER_GROUP_ID)")
     timeout_s: float = setting(5.0, "TIMEOUT_S", "Seconds to wait for a service or the broker")
 
     def validate(self) -> None:
@@ -140,6 +141,7 @@ class Target:
     weight_store: str
     join_state: Path | None
     timeout_s: float
+    trainer_group: str = "rlhf-trainer"
     stack_file: Path | None = None
 
 
@@ -169,7 +171,8 @@ def resolve(flags: dict[str, object], kafka: str | None = None) -> Target:
     if store and not cfg.weight_store and not Path(store).exists() and (run_dir / "weights").exists():
         store = str(run_dir / "weights")  # stack.json written from another working directory
     join = Path(cfg.join_state) if cfg.join_state else (run_dir / "feedback" if state else None)
-    return Target(addrs, metrics, bus, store, join, cfg.timeout_s, state_file if state else None)
+    return Target(addrs, metrics, bus, store, join, cfg.timeout_s, cfg.trainer_group,
+                  state_file if state else None)
 
 
 # -- gRPC --------------------------------------------------------------------------------
@@ -318,16 +321,24 @@ def join_offsets(state_dir: Path, kind: str = "feedback") -> dict[int, int] | No
         return None
     out: dict[int, int] = {}
     for db in dbs:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
         try:
-            rows = con.execute("SELECT partition, next_offset FROM offsets WHERE kind = ?", (kind,)).fetchall()
-        except sqlite3.Error:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2.0)
+            try:
+                rows = con.execute("SELECT partition, next_offset FROM offsets WHERE kind = ?", (kind,)).fetchall()
+            finally:
+                con.close()
+        except sqlite3.Error:  # not a join database (yet), or locked past the timeout
             rows = []
-        finally:
-            con.close()
         for p, o in rows:
             out[p] = max(out.get(p, 0), o)
     return out
+
+
+def kafka_why(bus: BusConfig, e: Exception) -> str:
+    """One line for a Kafka failure, naming the broker."""
+    if isinstance(e, (ConnectionError, LookupError)):
+        return str(e)
+    return f"Kafka at {bus.bootstrap}: {type(e).__name__}: {e}"
 
 
 def join_lag(bus: BusConfig, state_dir: Path, timeout_s: float) -> int | None:
@@ -367,12 +378,13 @@ def collect_status(t: Target, window_s: float = 1.0) -> dict:
     if pol is not None and tr is not None:
         lag["policy_versions_behind"] = max(0, tr - pol)
     kafka: dict = {"bootstrap": t.bus.bootstrap, "reachable": True}
+    lag["trainer_group"] = t.trainer_group
     try:
-        lag["trainer_rollouts"] = group_lag(t.bus, topics.rollouts, TRAINER_GROUP, t.timeout_s)
+        lag["trainer_rollouts"] = group_lag(t.bus, topics.rollouts, t.trainer_group, t.timeout_s)
         if t.join_state is not None:
             lag["join_feedback"] = join_lag(t.bus, t.join_state, t.timeout_s)
-    except (ConnectionError, LookupError) as e:
-        kafka.update(reachable=False, error=str(e))
+    except (ConnectionError, LookupError, KafkaError) as e:
+        kafka.update(reachable=False, error=kafka_why(t.bus, e))
     time.sleep(max(0.0, window_s - (time.monotonic() - t0)))
     seconds = time.monotonic() - t0
     metrics: dict[str, dict] = {}
@@ -436,7 +448,7 @@ def render_status(st: dict) -> str:
         lines.append(f"  consumer lags: unknown ({k['error']})")
     else:
         n = lag.get("trainer_rollouts")
-        lines.append(f"  trainer on rollouts (group {TRAINER_GROUP}): "
+        lines.append(f"  trainer on rollouts (group {lag.get('trainer_group', '?')}): "
                      + ("no committed offsets yet" if n is None else f"{n} records behind"))
         if "join_feedback" in lag:
             n = lag["join_feedback"]
@@ -665,6 +677,7 @@ COMMANDS: dict[str, Callable[[Target, argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    target = None
     try:
         flags = {f.name: getattr(args, f.name) for f in CtlConfig._settings()}
         target = resolve(flags, args.kafka)
@@ -677,6 +690,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except (ConnectionError, LookupError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except KafkaError as e:
+        print(f"error: {kafka_why(target.bus, e) if target else e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -38,6 +38,7 @@ def test_stack_json_fills_what_flags_and_env_leave_open(run_dir, monkeypatch):
     assert t.bus.bootstrap == "127.0.0.1:19092"
     # the weights path in stack.json does not exist from here: the run dir's own folder is used
     assert t.weight_store == str(run_dir / "weights") and t.join_state == run_dir / "feedback"
+    assert t.trainer_group == "rlhf-trainer"
 
     monkeypatch.setenv("RLHF_CTL_TRAINER", "10.0.0.1:50054")
     monkeypatch.setenv("RLHF_KAFKA_BOOTSTRAP", "kafka:9092")
@@ -136,7 +137,8 @@ def _status(**over) -> dict:
                     "algorithm": "grpo", "last_step": {"kind": "rl", "reward_mean": 0.25, "kl": 0.01,
                                                        "step_seconds": 1.5}},
         "feedback": {"address": "a:5", "health": "unreachable"}},
-        "lag": {"policy_versions_behind": 3, "trainer_rollouts": 8, "join_feedback": None},
+        "lag": {"policy_versions_behind": 3, "trainer_group": "rlhf-trainer", "trainer_rollouts": 8,
+                "join_feedback": None},
         "kafka": {"bootstrap": "k:9", "reachable": True},
         "metrics": {"trainer": {"tokens/s": 12.5}, "policy": {"error": "a:9 unreachable (URLError)"}},
         "window_s": 1.0}
