@@ -721,7 +721,9 @@ def plot(res: dict, path: Path) -> None:
     first = {}
     for ph in phases:
         first.setdefault(ph["phase"].rsplit("#", 1)[0], ph)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    wi = res.get("what_if") or {}
+    fig, axes = plt.subplots(1, 3 if wi else 2, figsize=(19 if wi else 13, 4.8))
+    ax1, ax2 = axes[0], axes[1]
     for i, (name, ph) in enumerate(first.items()):
         for key, style in (("e2e_ms", "-"), ("post_ms", ":")):
             xs = sorted(ph["series"][key])
@@ -748,6 +750,19 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_title(f"Items/s over time: {busiest['phase']}")
     ax2.grid(True, alpha=0.3)
     ax2.legend()
+    if wi:
+        ax3 = axes[2]
+        for i, ph in enumerate(wi["phases"]):
+            xs = sorted(ph["series"]["e2e_ms"])
+            ys = [(j + 1) / len(xs) for j in range(len(xs))]
+            ax3.plot(xs, ys, "-" if ph["side"] == "default" else "--", color=f"C{i // 2}", label=ph["phase"])
+        ax3.set_xscale("log")
+        ax3.set_xlabel("POST to label (ms, log scale)")
+        ax3.set_ylabel("share of items")
+        ax3.set_title(f"Join consumers: default (500 ms fetch wait, 100 ms poll) vs "
+                      f"{wi['fetch_wait_ms']} ms / {wi['poll_ms']} ms", fontsize=10)
+        ax3.grid(True, which="both", alpha=0.3)
+        ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -783,7 +798,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny run for CI: --items 200 --rounds 1 --requests 200 --light-rates 20 --light-s 4 "
                          "--probe-waits 500 --probe-sends 8 --probe-idle-s 2 --ingest-chunks 1 --no-ingest-compare "
                          "--what-if ''")
+    ap.add_argument("--replot", action="store_true", help="only draw results.png again from --out's results.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        folder = args.out or HERE
+        plot(json.loads((folder / "results.json").read_text()), folder / "results.png")
+        return 0
     if args.smoke:
         args.items, args.rounds, args.requests, args.light_rates, args.light_s = 200, 1, 200, "20", 4.0
         args.ingest_chunks, args.ingest_compare, args.what_if = 1, False, ""
