@@ -178,6 +178,11 @@ def test_trace_tells_the_story_of_an_answer_with_feedback(stack):
     text = ctl("trace", a.generation_id, run_dir=stack.spec.run_dir).stdout
     assert f"generation {a.generation_id}\n  policy version {r.policy_version}" in text
     assert f"  {fids[1]}  pairwise:" in text and "labels (2)" in text
+    # the feedback service's own command gives the same story
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}, **stack.bus.to_env()}
+    same = subprocess.run([sys.executable, "-m", "rlhf_feedback.trace", a.generation_id, "--json", "--weight-store",
+                           str(stack.spec.run_dir / "weights")], env=env, capture_output=True, text=True, timeout=60)
+    assert same.returncode == 0 and json.loads(same.stdout) == t, same.stderr
     missing = ctl("trace", "never-served", run_dir=stack.spec.run_dir)
     assert missing.returncode == 1 and "not found on the generations topic" in missing.stdout
 
