@@ -570,14 +570,56 @@ def summarize(name: str, sent: dict[str, tuple[float, float, bool]], watch: Labe
     }
 
 
+class AnswerStream(threading.Thread):
+    """New served answers (two per request) written to rlhf.generations at `rate` per second
+    while a phase runs, as a policy serving traffic would."""
+
+    def __init__(self, bus, rate: float, seed: int):
+        super().__init__(name="answer-stream", daemon=True)
+        self.bus, self.rate, self.seed = bus, rate, seed
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        from rlhf_common.bus import Producer
+        from rlhf_common.topics import Topics
+
+        p = Producer(self.bus, client_id="bench-answer-stream")
+        topic = Topics(self.bus.topic_prefix).generations
+        t0, tick = time.monotonic(), 0
+        try:
+            while not self.stop.is_set():
+                due = int((time.monotonic() - t0) * self.rate / 2)  # requests due so far
+                batch = generations(max(0, due - self.sent // 2), self.seed + tick)
+                for g in batch:
+                    p.send(topic, g.generation_id, g, wait=False)
+                p.flush()
+                self.sent += len(batch)
+                tick += 1
+                self.stop.wait(0.1)
+        finally:
+            p.close()
+
+
 def run_phase(name: str, mode: str, svc: Service, broker_pid: int, watch: LabelWatch, items: list[Item],
-              concurrency: int, rate: float | None, seed: int) -> dict:
+              concurrency: int, rate: float | None, seed: int, stream: tuple | None = None) -> dict:
+    """One phase; `stream` = (bus, answers/s) writes new served answers while it runs."""
     from rlhf_feedback.join import label_id
 
     c0 = {"service": cpu_s(svc.proc.pid), "broker": cpu_s(broker_pid), "bench": self_cpu_s()}
     m0 = machine_busy()
     sender = {"rest": rest_sender, "httpx": httpx_sender, "grpc": grpc_sender}[mode]
-    sent = asyncio.run(drive(sender, svc, items, concurrency, rate, seed))
+    answers = AnswerStream(stream[0], stream[1], seed) if stream else None
+    if answers is not None:
+        answers.start()
+    t_start = time.monotonic()
+    try:
+        sent = asyncio.run(drive(sender, svc, items, concurrency, rate, seed))
+    finally:
+        if answers is not None:
+            answers.stop.set()
+            answers.join(10)
+    t_sent = time.monotonic() - t_start
     missing = watch.wait_for({label_id(f) for f, v in sent.items() if v[2]}, timeout_s=120)
     m1 = machine_busy()
     cpu = {"service": cpu_s(svc.proc.pid) - c0["service"], "broker": cpu_s(broker_pid) - c0["broker"],
@@ -585,6 +627,8 @@ def run_phase(name: str, mode: str, svc: Service, broker_pid: int, watch: LabelW
            "machine_util": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * 1.0}
     res = summarize(name, sent, watch, cpu, items)
     res.update(mode=mode, concurrency=concurrency, rate=rate)
+    if answers is not None:
+        res.update(answers_streamed=answers.sent, answers_per_s=round(answers.sent / t_sent, 1))
     print(f"  {name:<16} accepted {res['accepted_per_s_sustained']:6.1f}/s  labels {res['labels_per_s_sustained']:6.1f}/s"
           f"  POST p50/p99 {res['post_ms']['p50']:6.1f}/{res['post_ms']['p99']:6.1f} ms  end-to-end p50/p90/p99 "
           f"{res['e2e_ms']['p50']:6.1f}/{res['e2e_ms']['p90']:6.1f}/{res['e2e_ms']['p99']:6.1f} ms"
@@ -778,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpc-concurrency", type=int, default=8, help="gRPC clients")
     ap.add_argument("--httpx-concurrency", type=int, default=8,
                     help="REST clients on httpx instead of the minimal client, to show a common client's cost (0: none)")
+    ap.add_argument("--serve-rate", type=float, default=100.0,
+                    help="answers/s written to rlhf.generations during an extra REST c=8 phase per round (0: none)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the alternating phases")
     ap.add_argument("--requests", type=int, default=3000, help="served requests (two answers each) to judge")
     ap.add_argument("--ingest-chunks", type=int, default=3, help="chunks the served answers are written in")
@@ -846,12 +892,17 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("grpc", args.grpc_concurrency))
         if args.httpx_concurrency:
             plan.append(("httpx", args.httpx_concurrency))
+        if args.serve_rate:
+            plan.append(("stream", 8))
         label = {"rest": "REST", "grpc": "gRPC", "httpx": "REST (httpx)"}
         for r in range(args.rounds):
             for mode, c in plan:
-                name = f"{label[mode]} c={c}#{r + 1}"
+                name = (f"{label[mode]} c={c}" if mode != "stream"
+                        else f"REST c={c}, answers {args.serve_rate:g}/s") + f"#{r + 1}"
                 items = make_items(gens, args.items, f"{mode}{c}r{r}", rng)
-                phases.append(run_phase(name, mode, svc, broker.proc.pid, watch, items, c, None, args.seed + r))
+                phases.append(run_phase(name, "rest" if mode == "stream" else mode, svc, broker.proc.pid, watch, items,
+                                        c, None, args.seed + r,
+                                        stream=(bus, args.serve_rate) if mode == "stream" else None))
         for rate in (float(x) for x in args.light_rates.split(",") if x.strip()):
             name = f"REST {rate:g}/s open loop#1"
             items = make_items(gens, max(10, round(rate * args.light_s)), f"light{rate:g}", rng)
