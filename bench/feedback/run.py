@@ -369,7 +369,7 @@ def ingest_generations(bus, svc: Service, gens, broker_pid: int, work: Path, arg
     from rlhf_common.bus import ensure_topics
     from rlhf_common.config import BusConfig
 
-    sides = [("rate queue on (default)", bus, svc, gens)]
+    sides = [("rate queue on (default)" if args.rate_enabled else "rate queue off", bus, svc, gens)]
     other = None
     if args.ingest_compare:
         bus_off = BusConfig(bootstrap=bus.bootstrap, topic_prefix=bus.topic_prefix + "off")
@@ -824,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="REST clients on httpx instead of the minimal client, to show a common client's cost (0: none)")
     ap.add_argument("--serve-rate", type=float, default=100.0,
                     help="answers/s written to rlhf.generations during an extra REST c=8 phase per round (0: none)")
+    ap.add_argument("--rate-enabled", action=argparse.BooleanOptionalAction, default=True,
+                    help="the main service's rating queue (RLHF_FEEDBACK_RATE_ENABLED; on by default)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the alternating phases")
     ap.add_argument("--requests", type=int, default=3000, help="served requests (two answers each) to judge")
     ap.add_argument("--ingest-chunks", type=int, default=3, help="chunks the served answers are written in")
@@ -879,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.probe_sends, args.probe_idle_s)
         commits = commit_probe(work)
         print(f"SQLite commit in the state folder: {commits}", flush=True)
-        svc = start_service(bus, work / "state", work / "feedback.log")
+        svc = start_service(bus, work / "state", work / "feedback.log", rate_enabled=args.rate_enabled)
         gens = generations(args.requests, args.seed)
         ingest = ingest_generations(bus, svc, gens, broker.proc.pid, work, args)
         watch = LabelWatch(bus)
@@ -928,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         "mix": dict(MIX), "join_records_total": joined, "labels_seen_twice": repeats,
         "service_settings": {
             "broker_timeout_s": defaults.broker_timeout_s, "join_partitions": defaults.join_partitions or "all",
-            "topic_partitions": bus.partitions, "rate_enabled": defaults.rate_enabled,
+            "topic_partitions": bus.partitions, "rate_enabled": args.rate_enabled,
             "sender": "AckedSender: kafka-python producer, acks=all, linger_ms=2, one flush per request",
             "accepted_store": "SQLite WAL, synchronous=FULL, one transaction per request on one thread",
             "join_consumers": "two kafka-python consumers (generations, feedback), fetch_max_wait_ms=500, "
