@@ -143,7 +143,7 @@ def run_batched(model_dir: Path, items, warm, concurrency: int, args, log_path: 
     import grpc
 
     from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
-    from rlhf_common.config import RewardConfig
+    from rlhf_reward.config import RewardConfig
     from rlhf_devstack.stack import wait_healthy
 
     cfg = RewardConfig(server={"port": free_port(), "metrics_port": 0}, model=str(model_dir), http_port=0,

@@ -250,3 +250,76 @@ def test_prefix_groups_keep_rows_whose_last_real_token_is_in_the_prefix_apart():
     rows = [p + [50], p + [51, 52], p + [0, 0], list(range(100, 130))]  # row 2: only padding after the prefix
     groups, rest = prefix_groups(rows, pad=0)
     assert groups == [(len(p), [0, 1])] and rest == [2, 3]
+
+
+def test_encode_equals_encode_pairs_with_and_without_truncation(tiny):
+    """One tokenizer call for every item, a second only for pairs over the limit: the rows
+    and truncation flags must be exactly those of the shared `encode_pairs`."""
+    from rlhf_common.text import encode_pairs
+
+    m = RewardModel(tiny[0], max_length=24)
+    items = _items(5) + [ScoreItem("long prompt " * 20, " short"), ScoreItem("p", " long response" * 30),
+                         ScoreItem("", " only a response")]
+    e = m.encode(items)
+    want, truncated = encode_pairs(m.tokenizer, [i.prompt for i in items], [i.response for i in items], 24)
+    assert e.truncated == truncated and truncated.count(True) == 2
+    assert [r["input_ids"] for r in e.rows] == want["input_ids"]
+    assert [r["attention_mask"] for r in e.rows] == want["attention_mask"]
+    assert all(len(r["input_ids"]) <= 24 for r in e.rows)
+
+
+def test_requests_tokenized_together_score_as_alone(tiny):
+    """Requests that arrive while the tokenizer is busy are tokenized in one call; each
+    still gets its own rows, flags and the scores of the unbatched path."""
+    model = RewardModel(tiny[0], max_length=32)
+    calls = []
+    encode = model.encode
+
+    def counting(items):
+        calls.append(len(items))
+        return encode(items)
+
+    model.encode = counting
+    reqs = [_items(1 + k % 3, tag=f"q{k}-") + ([ScoreItem("x " * 40, " y")] if k == 5 else []) for k in range(12)]
+
+    async def go():
+        core = RewardCore(model, None, max_batch_size=8, max_wait_s=0.02)
+        await core.start()
+        try:
+            return await asyncio.gather(*(core.score(r) for r in reqs))
+        finally:
+            await core.stop()
+
+    outs = _run(go())
+    assert len(calls) < len(reqs) and sum(calls) == sum(len(r) for r in reqs)
+    model.encode = encode
+    for req, out in zip(reqs, outs):
+        alone = model.score(req)
+        assert [r.truncated for r in out.results] == [r.truncated for r in alone]
+        assert [r.score for r in out.results] == pytest.approx([r.score for r in alone], abs=1e-5)
+    assert outs[5].results[-1].truncated
+
+
+def test_a_request_the_tokenizer_fails_on_fails_alone(tiny):
+    model = RewardModel(tiny[0], max_length=32)
+    encode = model.encode
+
+    def failing(items):
+        if any(i.prompt == "poison" for i in items):
+            raise ValueError("cannot tokenize")
+        return encode(items)
+
+    model.encode = failing
+
+    async def go():
+        core = RewardCore(model, None, max_wait_s=0.01)
+        await core.start()
+        try:
+            return await asyncio.gather(*(core.score([ScoreItem(p, " r")]) for p in ("a", "poison", "b", "c")),
+                                        return_exceptions=True)
+        finally:
+            await core.stop()
+
+    outs = _run(go())
+    assert isinstance(outs[1], ValueError)
+    assert all(len(o.results) == 1 for k, o in enumerate(outs) if k != 1)

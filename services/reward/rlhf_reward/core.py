@@ -181,10 +181,22 @@ class RewardModel:
         self._lock = threading.Lock()
 
     def encode(self, items: list[ScoreItem]) -> "Encoded":
-        """Tokenize (blocking; on the tokenizer thread): truncated token ids per item."""
-        enc, truncated = encode_pairs(self.tokenizer, [it.prompt for it in items], [it.response for it in items],
-                                      self.max_length)
-        rows = [{k: enc[k][i] for k in enc.keys()} for i in range(len(items))]
+        """Tokenize (blocking; on the tokenizer thread): truncated token ids per item.
+
+        One fast-tokenizer call over all items; only the pairs longer than the limit are
+        encoded again, with truncation (`encode_pairs`). A pair within the limit encodes the
+        same with or without truncation, so every row equals `encode_pairs`'s."""
+        prompts, responses = [it.prompt for it in items], [it.response for it in items]
+        enc = self.tokenizer(prompts, responses)
+        keys = list(enc.keys())
+        rows = [dict(zip(keys, r)) for r in zip(*(enc[k] for k in keys))]
+        truncated = [len(r["input_ids"]) > self.max_length for r in rows]
+        long = [i for i, t in enumerate(truncated) if t]
+        if long:
+            cut, _ = encode_pairs(self.tokenizer, [prompts[i] for i in long], [responses[i] for i in long],
+                                  self.max_length)
+            for j, i in enumerate(long):
+                rows[i] = {k: cut[k][j] for k in cut.keys()}
         return Encoded(self, rows, truncated)
 
     def forward(self, rows: list[dict], truncated: list[bool]) -> list[ScoreResult]:
@@ -247,6 +259,16 @@ class Encoded:
     @property
     def tokens(self) -> int:
         return sum(len(r["input_ids"]) for r in self.rows)
+
+
+def _encode_many(model: RewardModel, requests: list[list[ScoreItem]]) -> list[Encoded]:
+    """Several requests' items tokenized in one call, split back per request."""
+    e = model.encode([it for items in requests for it in items])
+    out, i = [], 0
+    for items in requests:
+        out.append(Encoded(model, e.rows[i:i + len(items)], e.truncated[i:i + len(items)]))
+        i += len(items)
+    return out
 
 
 def validate(items: list[ScoreItem], max_batch_items: int, max_item_chars: int | None = None) -> None:
@@ -315,6 +337,9 @@ class RewardCore:
         self._queued_items = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        # Requests waiting for the tokenizer, and the task that tokenizes them together.
+        self._to_encode: deque[tuple[list[ScoreItem], asyncio.Future]] = deque()
+        self._encoder: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenizer")
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="reward-shadow")
@@ -337,6 +362,16 @@ class RewardCore:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._encoder is not None:
+            self._encoder.cancel()
+            try:
+                await self._encoder
+            except asyncio.CancelledError:
+                pass
+        while self._to_encode:
+            _, f = self._to_encode.popleft()
+            if not f.done():
+                f.set_exception(NotReady("reward service is stopping"))
         while self._queue:
             p = self._queue.popleft()
             if not p.future.done():
@@ -366,7 +401,7 @@ class RewardCore:
         self._set_queued_gauge()
         loop = asyncio.get_running_loop()
         try:
-            encoded = await loop.run_in_executor(self._tokenizer, self._live.encode, list(items))
+            encoded = await self._encode(list(items))
             if encoded.tokens > self.max_request_tokens:
                 raise InvalidInput(f"items: {encoded.tokens} tokens (after truncation to {encoded.model.max_length} "
                                    f"per item) exceed the limit of {self.max_request_tokens} per request")
@@ -405,6 +440,52 @@ class RewardCore:
         self._export_stats()
         log.info("reward model swapped: %s -> %s", old.version, model.version)
         return old
+
+    # -- tokenizing -------------------------------------------------------------------
+
+    async def _encode(self, items: list[ScoreItem]) -> Encoded:
+        """Tokenize on the tokenizer thread. Requests that arrive while it is busy are
+        tokenized together in its next call: one fast-tokenizer call for many requests
+        costs far less than a call (and a thread handoff) per request."""
+        fut = asyncio.get_running_loop().create_future()
+        self._to_encode.append((items, fut))
+        if self._encoder is None:
+            self._encoder = asyncio.create_task(self._encode_loop(), name="reward-tokenizer")
+        return await fut
+
+    async def _encode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._to_encode:
+                jobs: list[tuple[list[ScoreItem], asyncio.Future]] = []
+                n = 0
+                while self._to_encode and (not jobs or n + len(self._to_encode[0][0]) <= self.max_batch_items):
+                    items, f = self._to_encode.popleft()
+                    if not f.done():  # the caller went away
+                        jobs.append((items, f))
+                        n += len(items)
+                if not jobs:
+                    continue
+                model = self._live
+                try:
+                    parts = await loop.run_in_executor(self._tokenizer, _encode_many, model, [i for i, _ in jobs])
+                except Exception:
+                    # One request's text must not fail the others: tokenize them one by one.
+                    parts = []
+                    for items, _ in jobs:
+                        try:
+                            parts.append(await loop.run_in_executor(self._tokenizer, model.encode, items))
+                        except Exception as e:
+                            parts.append(e)
+                for (_, f), part in zip(jobs, parts):
+                    if f.done():
+                        continue
+                    if isinstance(part, Exception):
+                        f.set_exception(part)
+                    else:
+                        f.set_result(part)
+        finally:
+            self._encoder = None
 
     # -- batching ---------------------------------------------------------------------
 
