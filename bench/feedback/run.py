@@ -779,21 +779,26 @@ def plot(res: dict, path: Path) -> None:
     ax1.set_title("Latency (first round of each phase): POST dotted, POST to label solid", fontsize=10)
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7)
+    closed = [ph for ph in phases if ph["rate"] is None]
     busiest = max((ph for ph in first.values() if ph["rate"] is None), key=lambda p: p["concurrency"])
-    for key, label in (("ack_s", "POST accepted"), ("label_s", "labels joined")):
-        ts = busiest["series"][key]
-        width = 0.5
-        bins = int(max(ts) / width) + 1
-        counts = [0] * bins
-        for t in ts:
-            counts[int(t / width)] += 1
-        rates = [c / width for c in counts]
-        ax2.step([i * width for i in range(bins + 1)], rates + rates[-1:], where="post", label=label)
+    slowest = max(closed, key=lambda p: p["e2e_ms"]["p50"])
+    shown = [busiest] + ([slowest] if slowest is not busiest else [])
+    for i, ph in enumerate(shown):
+        for key, label, style in (("ack_s", "POST accepted", "-"), ("label_s", "labels joined", "--")):
+            ts = ph["series"][key]
+            width = 0.5
+            bins = int(max(ts) / width) + 1
+            counts = [0] * bins
+            for t in ts:
+                counts[int(t / width)] += 1
+            rates = [c / width for c in counts]
+            ax2.step([j * width for j in range(bins + 1)], rates + rates[-1:], style, where="post", color=f"C{i}",
+                     label=f"{ph['phase']}: {label}")
     ax2.set_xlabel("seconds since the phase started")
     ax2.set_ylabel("items/s (0.5 s bins)")
-    ax2.set_title(f"Items/s over time: {busiest['phase']}")
+    ax2.set_title("Items/s over time (the slowest phase to label, if another)", fontsize=10)
     ax2.grid(True, alpha=0.3)
-    ax2.legend()
+    ax2.legend(fontsize=7)
     if wi:
         ax3 = axes[2]
         for i, ph in enumerate(wi["phases"]):
