@@ -40,6 +40,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -930,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_begin)),
         "machine": machine(), "versions": versions(), "args": {k: str(v) for k, v in vars(args).items()},
-        "command": "python bench/feedback/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "bench/feedback/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "generations": len(gens), "ingest": ingest,
         "mix": dict(MIX), "join_records_total": joined, "labels_seen_twice": repeats,
         "service_settings": {
