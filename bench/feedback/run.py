@@ -1,28 +1,34 @@
 """Benchmark: the feedback path, from a client's POST to the joined label on rlhf.labels.
 
-    .venv/bin/python bench/feedback/run.py            # full run (about 6 minutes)
-    .venv/bin/python bench/feedback/run.py --smoke    # under 90 s, writes to a temporary folder
+    .venv/bin/python bench/feedback/run.py            # full run (about 10 minutes)
+    .venv/bin/python bench/feedback/run.py --smoke    # about 30 s, writes to a temporary folder
 
 Real parts only: the tansu broker (`rlhf_devstack.devbroker`) and the feedback service as its
 own process (`python -m rlhf_feedback`, default settings, its state on disk).
 
-1. Served answers go to rlhf.generations first, as the policy's `GenerationRecorder` writes
-   them: the same `Generation` protobuf records, keyed by generation id, two answers per
-   request (so pairwise choices have an A and a B on one prompt). The benchmark waits until
-   the join has read them all (`rlhf_feedback_generations_total` on /metrics).
-2. C clients each send one single-item request after another (a user's click is one item):
-   REST `POST /v1/feedback` at every `--concurrency`, and gRPC `Submit` at
-   `--grpc-concurrency`. The mix: 55% thumbs, 30% ratings (1-5), 15% pairwise choices.
-   Phases alternate (REST c=8, REST c=32, gRPC, ...) for `--rounds` rounds, so that outside
-   load hits every side alike.
-3. A consumer of rlhf.labels in this process notes when each label appears (it polls with a
-   10 ms fetch wait, so it adds little of its own).
-4. Light-load phases send items at fixed, low rates (Poisson arrivals, `--light-rates`),
-   where nothing queues: what is left of the end-to-end latency is the service's own waiting.
-5. A probe measures what the consumers' fetch wait costs on this broker: the delay from a
+1. A probe measures what a consumer's fetch wait costs on this broker: the delay from a
    record's write to a consumer's poll returning it, and the idle CPU of a waiting consumer
-   and the broker, for fetch waits of 500 (the default of `rlhf_common.bus.Consumer`, which
-   the join uses), 100 and 20 ms.
+   and the broker, for fetch waits of 500 ms (the default of `rlhf_common.bus.Consumer`,
+   which the join uses), 100 and 20 ms.
+2. Served answers go to rlhf.generations first, as the policy's `GenerationRecorder` writes
+   them: the same `Generation` protobuf records, keyed by generation id, two answers per
+   request (so pairwise choices have an A and a B on one prompt), in chunks; each chunk is
+   timed until the join has read it (`rlhf_feedback_generations_total` on /metrics). With
+   `--ingest-compare` a second service with the rating queue off takes as many in turn.
+3. C clients each send one single-item request after another (a user's click is one item):
+   REST `POST /v1/feedback` at every `--concurrency` (a minimal keep-alive HTTP/1.1 client),
+   gRPC `Submit` at `--grpc-concurrency`, REST on httpx at `--httpx-concurrency`, and REST
+   while new answers stream onto rlhf.generations at `--serve-rate`. The mix: 55% thumbs,
+   30% ratings (1-5), 15% pairwise choices. The phases take turns for `--rounds` rounds,
+   so that outside load hits every side alike.
+4. A consumer of rlhf.labels in this process notes when each label appears (it polls with a
+   10 ms fetch wait, so it adds little of its own).
+5. Light-load phases send items at fixed, low rates (Poisson arrivals, `--light-rates`),
+   where nothing queues: what is left of the end-to-end latency is the service's own waiting.
+6. `--what-if`: a second copy of the service whose join consumers use another fetch wait
+   and poll timeout (set by its entry point, `WHAT_IF`; nothing in the repository changes)
+   runs the light-load phases and REST c=8 in turn with the default one, and both are
+   measured idle.
 
 Times: t_send (client before the request), t_ack (client got the 2xx), label.created_unix_ms
 (the join made the label, service clock: the same machine), t_seen (the label consumer got
