@@ -190,10 +190,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="target accuracy = random's mean accuracy at the full budget minus this")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--cache", type=Path, default=ROOT / "runs" / "active-cache")
+    p.add_argument("--max-conversations", type=int, default=0,
+                   help="a seeded sample of this many conversations (0 = all; a small run for a smoke test)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
 
     convs = chitchat_conversations()
+    if a.max_conversations and a.max_conversations < len(convs):
+        convs = random.Random(0).sample(convs, a.max_conversations)
     prompts = sorted({c.prompt for c in convs})
     split_rng = random.Random(0)
     split_rng.shuffle(prompts)

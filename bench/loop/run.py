@@ -239,7 +239,11 @@ def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_d
         # The clock starts when the first rollouts are being generated, as TRL's starts at its
         # first generation: model loading and vLLM start-up are excluded on both sides.
         t0 = time.monotonic()
-        before = {n: _metrics(st.metrics_ports[n]) for n in ("policy", "trainer", "reward", "reference")}
+        names = ("policy", "trainer", "reward", "reference")
+        before = {n: _metrics(st.metrics_ports[n]) for n in names}
+        # Time per step by phase is taken from the first step seen on: the wait before it holds
+        # the trainer's idle time since its start, which is no part of a step.
+        first, first_step = None, shown
         while time.monotonic() - t0 < seconds:
             status = trainer.Status(trainer_pb2.StatusRequest())
             for r in status.recent:
@@ -247,24 +251,29 @@ def run_ours(policy: Path, reward: Path, seconds: float, run_dir: Path, policy_d
                     rows.append({"t": time.monotonic() - t0, "step": r.step, "reward": r.reward_mean, "kl": r.kl,
                                  "length": r.response_length_mean, "step_seconds": r.step_seconds})
                     shown = r.step
+            if first is None and shown > first_step:
+                first, first_step = {n: _metrics(st.metrics_ports[n]) for n in names}, shown
             if seeded - status.groups_consumed < 2 * len(prompts):
                 seeded += len(seed_prompts(st.bus, prompts, source="bench"))
             time.sleep(0.2)
-        after = {n: _metrics(st.metrics_ports[n]) for n in ("policy", "trainer", "reward", "reference")}
+        after = {n: _metrics(st.metrics_ports[n]) for n in names}
     delta = {n: {k: after[n].get(k, 0.0) - before[n].get(k, 0.0) for k in after[n]} for n in after}
-    t = delta["trainer"]
+    first = first or after
+    steady = {n: {k: after[n].get(k, 0.0) - first[n].get(k, 0.0) for k in after[n]} for n in after}
+    t = steady["trainer"]
     phases = {p: _sum(t, rf'rlhf_trainer_phase_seconds_sum\{{phase="{p}"\}}')
               for p in ("wait", "scoring", "training", "sync", "checkpoint", "kafka")}
-    grpc_s = {n: _sum(delta[n], rf"rlhf_{n}_request_seconds_sum\{{.*\}}") for n in ("reward", "reference")}
+    grpc_s = {n: _sum(steady[n], rf"rlhf_{n}_request_seconds_sum\{{.*\}}") for n in ("reward", "reference")}
     calls_s = {n: _sum(t, rf'rlhf_trainer_scorer_call_seconds_sum\{{scorer="{n}"\}}') for n in ("reward", "reference")}
-    rollout_s = {p: _sum(delta["policy"], rf'rlhf_policy_rollout_seconds_sum\{{phase="{p}"\}}')
+    rollout_s = {p: _sum(steady["policy"], rf'rlhf_policy_rollout_seconds_sum\{{phase="{p}"\}}')
                  for p in ("generate", "kafka")}
     return {
-        "rows": rows, "phases_s": phases, "grpc_handling_s": grpc_s, "scorer_call_s": calls_s,
+        "rows": rows, "steady_steps": shown - first_step, "phases_s": phases, "grpc_handling_s": grpc_s,
+        "scorer_call_s": calls_s,
         "grpc_transport_s": {n: calls_s[n] - grpc_s[n] for n in calls_s}, "policy_rollout_s": rollout_s,
         "generated_tokens": _sum(delta["policy"], r"rlhf_policy_generated_tokens_total(\{.*\})?"),
-        "trained_tokens": _sum(t, r"rlhf_trainer_trained_tokens_total"),
-        "reward_batch_s": _sum(delta["reward"], r"rlhf_reward_batch_seconds_sum"),
+        "trained_tokens": _sum(delta["trainer"], r"rlhf_trainer_trained_tokens_total"),
+        "reward_batch_s": _sum(steady["reward"], r"rlhf_reward_batch_seconds_sum"),
     }
 
 
@@ -366,11 +375,11 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             raw = run_ours(policy, reward, seconds, run_dir, "bfloat16" if args.model == "smollm2" else "float32")
             rows = raw.pop("rows")
-            steps = rows[-1]["step"] if rows else 0
             summ = summarise(rows, seconds, raw["generated_tokens"], raw["trained_tokens"])
-            summ["phase_s_per_step"] = {k: v / max(1, steps) for k, v in raw["phases_s"].items()}
+            n = max(1, raw["steady_steps"])  # per step: from the first step seen to the last
+            summ["phase_s_per_step"] = {k: v / n for k, v in raw["phases_s"].items()}
             for key in ("grpc_handling_s", "scorer_call_s", "grpc_transport_s", "policy_rollout_s"):
-                summ[f"{key}_per_step"] = {k: v / max(1, steps) for k, v in raw[key].items()}
+                summ[f"{key}_per_step"] = {k: v / n for k, v in raw[key].items()}
             res["sides"]["ours"] = summ
             curves["this project"] = rows
         elif side == "limit":

@@ -51,6 +51,7 @@ def measure(loop, policy: Path, reward: Path, model: str, prompts_per_step: int,
         raise SystemExit(f"{prompts_per_step} prompts x {max_new_tokens} tokens: only {steps} steps in "
                          f"{minutes:g} minutes; give it more --minutes")
     seconds = minutes * 60
+    n = max(1, raw["steady_steps"])
     return {
         "prompts_per_step": prompts_per_step, "answers_per_step": prompts_per_step * loop.SETTINGS["group_size"],
         "max_new_tokens": max_new_tokens, "steps": steps, "seconds": seconds,
@@ -59,9 +60,11 @@ def measure(loop, policy: Path, reward: Path, model: str, prompts_per_step: int,
         "answer_tokens_mean": loop._mean([r["length"] for r in rows]),
         "generated_tokens_per_s": raw["generated_tokens"] / seconds,
         "trained_tokens_per_step": raw["trained_tokens"] / steps,
-        "phase_s_per_step": {p: raw["phases_s"].get(p, 0.0) / steps for p in PHASES},
-        "scorer_call_s_per_step": {k: v / steps for k, v in raw["scorer_call_s"].items()},
-        "policy_rollout_s_per_step": {k: v / steps for k, v in raw["policy_rollout_s"].items()},
+        # by phase: from the first step seen to the last (the services' own metrics)
+        "phase_s_per_step": {p: raw["phases_s"].get(p, 0.0) / n for p in PHASES},
+        "scorer_call_s_per_step": {k: v / n for k, v in raw["scorer_call_s"].items()},
+        "grpc_transport_s_per_step": {k: v / n for k, v in raw["grpc_transport_s"].items()},
+        "policy_rollout_s_per_step": {k: v / n for k, v in raw["policy_rollout_s"].items()},
     }
 
 

@@ -323,7 +323,8 @@ class Trainer:
                     self._save_if_idle()
                     continue
                 t_wait = time.perf_counter()
-                while len(buf.complete) < self.cfg.groups_per_step and not self.stopping.is_set():
+                while (len(buf.complete) < self.cfg.groups_per_step and not self.stopping.is_set()
+                       and not self.paused.is_set()):
                     self._save_if_idle()
                     dup_before, rep_before = consumer.duplicates, buf.repeated
                     for rec in consumer.poll(timeout_ms=200):
@@ -338,6 +339,8 @@ class Trainer:
                         self._read_labels(labels, pairs, timeout_ms=0)
                 if self.stopping.is_set():
                     break
+                if self.paused.is_set():  # paused while waiting: no step is taken from now on
+                    continue
                 self.metrics.phase_seconds.labels("wait").observe(time.perf_counter() - t_wait)
                 groups = buf.take(self.cfg.groups_per_step)
                 taken = [r for g in groups for r in g]
