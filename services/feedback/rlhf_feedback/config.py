@@ -36,6 +36,15 @@ class FeedbackConfig(BaseConfig):
     join_partitions: str = setting("", "JOIN_PARTITIONS",
                                    "Partitions of rlhf.generations and rlhf.feedback this replica joins, e.g. '0,2' "
                                    "(empty: all); give each replica its own set")
+    join_fetch_wait_ms: int = setting(50, "JOIN_FETCH_WAIT_MS",
+                                      "Longest the broker holds the join's fetch of an idle topic (Kafka "
+                                      "fetch.max.wait.ms); lower: labels sooner, more idle polling of the broker")
+    join_poll_ms: int = setting(20, "JOIN_POLL_MS",
+                                "Longest the join waits on one of its two topics (generations, feedback) before "
+                                "it looks at the other")
+    join_max_records: int = setting(64, "JOIN_MAX_RECORDS",
+                                    "Most records the join takes from one topic per poll (one database "
+                                    "transaction per poll)")
     wait_s: float = setting(600.0, "WAIT_S", "How long feedback waits for its generation before it is dead-lettered")
     retention_s: float = setting(7 * 86400.0, "RETENTION_S",
                                  "How long served answers are kept for joining late feedback")
@@ -97,6 +106,9 @@ class FeedbackConfig(BaseConfig):
         self.check(self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
         self.check(self.max_text_chars >= 1, "max_text_chars", "must be >= 1")
         self.check(self.broker_timeout_s > 0, "broker_timeout_s", "must be > 0")
+        self.check(1 <= self.join_fetch_wait_ms <= 60_000, "join_fetch_wait_ms", "must be in [1, 60000]")
+        self.check(1 <= self.join_poll_ms <= 60_000, "join_poll_ms", "must be in [1, 60000]")
+        self.check(1 <= self.join_max_records <= 100_000, "join_max_records", "must be in [1, 100000]")
         self.check(self.wait_s > 0, "wait_s", "must be > 0")
         self.check(self.retention_s >= self.wait_s, "retention_s", f"must be >= {self.env_of('wait_s')}={self.wait_s}")
         self.check(self.max_generations >= 1, "max_generations", "must be >= 1")

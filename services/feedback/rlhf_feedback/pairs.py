@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS pairs (
     created_at REAL NOT NULL, priority REAL, ranked_at REAL, human_n INTEGER NOT NULL DEFAULT 0,
     ai_choice TEXT, ai_sent INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS pairs_open ON pairs (human_n, priority);
+CREATE INDEX IF NOT EXISTS pairs_gen_a ON pairs (gen_a);
+CREATE INDEX IF NOT EXISTS pairs_gen_b ON pairs (gen_b);
 CREATE TABLE IF NOT EXISTS tickets (
     ticket TEXT PRIMARY KEY, pair_id TEXT NOT NULL, rater TEXT NOT NULL, left_gen TEXT NOT NULL,
     right_gen TEXT NOT NULL, repeat INTEGER NOT NULL, issued_at REAL NOT NULL, choice TEXT);
@@ -62,6 +64,15 @@ CREATE INDEX IF NOT EXISTS tickets_pair ON tickets (pair_id, issued_at);
 CREATE INDEX IF NOT EXISTS tickets_rater ON tickets (rater, choice);
 COMMIT;
 """
+# An answer not yet in any pair: two index lookups (pairs_gen_a, pairs_gen_b), not a scan of pairs.
+_UNPAIRED = ("NOT EXISTS (SELECT 1 FROM pairs WHERE gen_a = answers.generation_id) AND "
+             "NOT EXISTS (SELECT 1 FROM pairs WHERE gen_b = answers.generation_id)")
+
+
+def partner_query(cond: str) -> str:
+    """The newest unpaired answer to the same prompt, other than the new one, that meets `cond`."""
+    return (f"SELECT generation_id, policy_version FROM answers WHERE prompt = ? AND generation_id != ? AND "
+            f"response != ? AND {cond} AND {_UNPAIRED} ORDER BY added_at DESC, rowid DESC LIMIT 1")
 
 
 @dataclass(frozen=True)
@@ -151,11 +162,7 @@ class RatingQueue:
             cond, args = "policy_version < ?", (g.policy_version,)
         else:
             cond, args = "1", ()
-        row = self._db.execute(
-            f"SELECT generation_id, policy_version FROM answers WHERE prompt = ? AND generation_id != ? AND "
-            f"response != ? AND {cond} AND generation_id NOT IN (SELECT gen_a FROM pairs UNION SELECT gen_b FROM "
-            f"pairs) ORDER BY added_at DESC, rowid DESC LIMIT 1",
-            (g.prompt, g.generation_id, g.response, *args)).fetchone()
+        row = self._db.execute(partner_query(cond), (g.prompt, g.generation_id, g.response, *args)).fetchone()
         if row is None:
             return 0
         other, version = row
@@ -172,8 +179,8 @@ class RatingQueue:
         if excess > 0:
             self._db.execute("DELETE FROM pairs WHERE pair_id IN (SELECT pair_id FROM pairs WHERE human_n = 0 "
                              "ORDER BY created_at, rowid LIMIT ?)", (excess,))
-            self._db.execute("DELETE FROM answers WHERE added_at < (SELECT min(created_at) FROM pairs) AND "
-                             "generation_id NOT IN (SELECT gen_a FROM pairs UNION SELECT gen_b FROM pairs)")
+            self._db.execute(f"DELETE FROM answers WHERE added_at < (SELECT min(created_at) FROM pairs) AND "
+                             f"{_UNPAIRED}")
 
     # -- ranking ---------------------------------------------------------------------------
     def open_pairs(self, limit: int, ai_unjudged: bool = False) -> list[OpenPair]:

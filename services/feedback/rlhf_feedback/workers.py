@@ -84,10 +84,11 @@ class JoinLoop(BackgroundLoop):
         join = Join(self.db_path, wait_s=self.cfg.wait_s, retention_s=self.cfg.retention_s,
                     max_generations=self.cfg.max_generations)
         parts = self.cfg.partition_list or None
+        wait_ms, poll_ms, most = self.cfg.join_fetch_wait_ms, self.cfg.join_poll_ms, self.cfg.join_max_records
         gens = Consumer(self.bus, self.topics.generations, events_pb2.Generation, group_id=None,
-                        client_id="feedback-join-generations", partitions=parts)
+                        client_id="feedback-join-generations", partitions=parts, fetch_max_wait_ms=wait_ms)
         fbs = Consumer(self.bus, self.topics.feedback, events_pb2.Feedback, group_id=None,
-                       client_id="feedback-join-feedback", partitions=parts)
+                       client_id="feedback-join-feedback", partitions=parts, fetch_max_wait_ms=wait_ms)
         out = Producer(self.bus, client_id="feedback-join")
         try:
             stored = join.offsets()
@@ -97,9 +98,17 @@ class JoinLoop(BackgroundLoop):
             self._publish_stats(join)
             self.ready.set()
             last_expire = 0.0
+            busy = False
             while not self.stopping.is_set():
-                items = [Incoming("generation", r.partition, r.offset, r.record) for r in gens.poll(timeout_ms=100)]
-                items += [Incoming("feedback", r.partition, r.offset, r.record) for r in fbs.poll(timeout_ms=100)]
+                # The two topics are polled in turn. While records come in, neither poll waits
+                # (records of one topic do not wait for the other's poll to time out); when both
+                # were idle, each waits up to poll_ms.
+                t = 0 if busy else poll_ms
+                items = [Incoming("generation", r.partition, r.offset, r.record)
+                         for r in gens.poll(timeout_ms=t, max_records=most)]
+                items += [Incoming("feedback", r.partition, r.offset, r.record)
+                          for r in fbs.poll(timeout_ms=0 if items else t, max_records=most)]
+                busy = bool(items)
                 if items:
                     self._handle(join, out, join.process(items))
                     served = [i.record for i in items if i.kind == "generation"]
