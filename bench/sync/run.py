@@ -239,8 +239,9 @@ def brief(row: dict) -> str:
 def worker_loads(log: Path) -> dict[int, dict]:
     """The policy worker's own report of each update (its log line `version N loaded (...)`)."""
     out = {}
-    for m in re.finditer(r"version (\d+) loaded \((full|lora)\): (\{.*\})", log.read_text(errors="replace")):
-        out[int(m.group(1))] = ast.literal_eval(m.group(3))
+    for m in re.finditer(r"version (\d+) loaded \((full|lora)\): \[?(\{.*?\})\]?$", log.read_text(errors="replace"),
+                         re.MULTILINE):
+        out[int(m.group(1))] = ast.literal_eval(m.group(3))  # one worker: collective_rpc's list of one
     return out
 
 
@@ -375,26 +376,29 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [s for s in SIZES if s in results["sizes"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{s}\n{results['sizes'][s]['params'] / 1e6:.0f}M" for s in sizes]
-    x = range(len(sizes))
+    rs = [results["sizes"][s] for s in sizes]
+    params = [r["params"] for r in rs]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     ax = axes[0]
-    for off, fmt, hatch in ((-0.2, "full", ""), (0.2, "lora", "//")):
-        bottom = [0.0] * len(sizes)
-        for part, colour in (("save_s", "tab:blue"), ("event_to_first_response_s", "tab:orange")):
-            vals = [results["sizes"][s][fmt][part] for s in sizes]
-            ax.bar([i + off for i in x], vals, 0.38, bottom=bottom, color=colour, hatch=hatch, edgecolor="black",
-                   label=f"{fmt}: {'trainer save (bf16/adapter + sha256)' if part == 'save_s' else 'event to first response'}")
-            bottom = [b + v for b, v in zip(bottom, vals)]
-    steps = [results["sizes"][s]["lora"].get("step_s") for s in sizes]
-    ax.plot(list(x), steps, "k^--", label="step (LoRA): generate + reference + train")
-    fsteps = [results["sizes"][s]["full"].get("step_s") for s in sizes]
-    ax.plot([i for i, v in zip(x, fsteps) if v], [v for v in fsteps if v], "ks-", label="step (full fine-tuning)")
+    lines = (("full", "save_s", "tab:blue", "-", "o", "full: trainer save (serving dtype + sha256)"),
+             ("full", "event_to_first_response_s", "tab:orange", "-", "o", "full: event to first response"),
+             ("lora", "save_s", "tab:blue", ":", "D", "LoRA: trainer save (adapter + sha256)"),
+             ("lora", "event_to_first_response_s", "tab:orange", ":", "D", "LoRA: event to first response"),
+             ("full", "step_s", "black", "-", "s", "step, full fine-tuning (generate + reference + train)"),
+             ("lora", "step_s", "black", ":", "^", "step, LoRA (generate + reference + train)"))
+    for fmt, key, colour, style, marker, label in lines:
+        pts = [(p, r[fmt][key]) for p, r in zip(params, rs) if r[fmt].get(key) is not None]
+        ax.plot([p for p, _ in pts], [v for _, v in pts], color=colour, ls=style, marker=marker, label=label)
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylabel("seconds (log)")
-    ax.set_title("Weight sync and step time, median per update")
+    ax.set_xticks(params, [f"{s}\n{p / 1e6:.3g}M" for s, p in zip(sizes, params)], fontsize=8)
+    ax.minorticks_off()
+    ax.set_ylabel("seconds per update or step (median, log)")
+    ax.set_xlabel("policy parameters (log)")
+    ax.set_title("Weight sync and step time against model size", fontsize=10)
     ax.legend(fontsize=7)
+    labels = [f"{s}\n{p / 1e6:.3g}M" for s, p in zip(sizes, params)]
+    x = range(len(sizes))
     ax = axes[1]
     for off, fmt, hatch in ((-0.2, "full", ""), (0.2, "lora", "//")):
         vals = [100 * results["sizes"][s][fmt].get("share_of_step", {}).get("sync_s", float("nan")) for s in sizes]
@@ -405,12 +409,55 @@ def plot(results: dict, path: Path) -> None:
                         ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("% of the step's compute time")
-    ax.set_title("Sync (save + event to first response) as a share of a step")
+    ax.set_title("Sync (save + event to first response) as a share of a step", fontsize=10)
     ax.legend(fontsize=8)
     fig.suptitle(f"Weight sync against model size ({results['machine']['cpu']}, {results['machine']['cores']} cores)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def tables(results: dict) -> str:
+    """The markdown tables of RESULTS.md, from a results file."""
+    def f(v, digits=2):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    def pct(m, key):
+        share = m.get("share_of_step", {}).get(key)
+        return "" if share is None else f" ({100 * share:.1f}%)"
+
+    out = ["| model | params | update | bytes written | trainer save (of it sha256) | reader fetch + check "
+           "| worker load | event to serving | event to first response | step: generate + reference + train "
+           "| sync share of step |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for size in SIZES:
+        r = results["sizes"].get(size)
+        if r is None:
+            continue
+        for fmt in ("full", "lora"):
+            m = r[fmt]
+            if "step_s" in m:
+                step = (f"{f(m['step_s'], 1)} = {f(m['generate_s'], 1)} + {f(m['reference_s'], 1)} + "
+                        f"{f(m['train_s'], 1)}")
+                share = f"**{100 * m['share_of_step']['sync_s']:.1f}%**"
+            else:
+                step = f"no fit: full fine-tuning needs {r['full_train_need_gib']:.0f} GiB beside vLLM"
+                share = "-"
+            label = "full" if fmt == "full" else f"LoRA r{r['lora_config']['rank']}"
+            out.append(f"| {size} | {r['params'] / 1e6:.3g}M | {label} | {m['weight_bytes'] / 1e6:.1f} MB "
+                       f"| {f(m['save_s'])}{pct(m, 'save_s')} ({f(m['hash_s'])}) "
+                       f"| {f(m['reader_fetch_verify_s'])} | {f(m.get('worker_load_s'))} "
+                       f"| {f(m['event_to_serving_s'])} | {f(m['event_to_first_response_s'])}"
+                       f"{pct(m, 'event_to_first_response_s')} | {step} | {share} |")
+    out += ["", "First update of each kind (not in the medians above), seconds:", "",
+            "| model | update | trainer save | event to serving | event to first response | worker load |",
+            "|---|---|---:|---:|---:|---:|"]
+    for size in SIZES:
+        r = results["sizes"].get(size)
+        for fmt in ("full", "lora") if r else ():
+            m = r[fmt]["first"]
+            out.append(f"| {size} | {fmt} | {f(m.get('save_s'))} | {f(m.get('event_to_serving_s'))} "
+                       f"| {f(m.get('event_to_first_response_s'))} | {f(m.get('worker_load_s'))} |")
+    return "\n".join(out)
 
 
 def machine() -> dict:
@@ -435,11 +482,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"Comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--rounds", type=int, default=3, help="Updates per format after the first (medians over these)")
     ap.add_argument("--out", type=Path, default=HERE / "results.json", help="JSON out; the plot goes beside it")
+    ap.add_argument("--replot", action="store_true", help="Only draw the plot again from --out")
+    ap.add_argument("--tables", action="store_true", help="Only print the markdown tables of --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         run_size(args.child, args.rounds, args.child_out)
+        return
+    if args.tables:
+        print(tables(json.loads(args.out.read_text())))
+        return
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
