@@ -15,7 +15,7 @@ POLICY_EXTRA := $(if $(filter gpu,$(VARIANT)),policy-gpu,policy)
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
 	bench-policy bench-reward train-reward bench-active browser-deps test-faults reliability \
-	bench-loop bench-loop-tiny
+	bench-loop bench-loop-tiny bench-scaling bench-feedback bench-sync bench-smoke
 
 install: $(STAMP) proto
 
@@ -130,6 +130,22 @@ bench-loop: install $(VENV)/.bench
 
 bench-loop-tiny: install $(VENV)/.bench
 	$(PY) bench/loop/run.py --model tiny --minutes 2
+
+# Step time by phase against batch size and answer length, SmolLM2 (bench/scaling/RESULTS.md).
+bench-scaling: install $(VENV)/.smollm2
+	$(PY) bench/scaling/run.py --model smollm2 --minutes 2
+
+# Feedback path: POST or Submit to the joined label, with the real broker and service (bench/feedback/RESULTS.md).
+bench-feedback: install
+	$(PY) bench/feedback/run.py
+
+# Weight sync against model size, full weights and LoRA, as a share of step time (bench/sync/RESULTS.md).
+bench-sync: install $(VENV)/.smollm2
+	$(PY) bench/sync/run.py
+
+# Every benchmark at a tiny size, its outputs checked (CI runs it after `make test`).
+bench-smoke: install $(VENV)/.bench
+	$(PY) bench/smoke.py
 
 # Regenerates the configuration table in README.md from the config dataclasses.
 docs: install

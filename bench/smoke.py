@@ -77,6 +77,17 @@ def check_active(out: Path) -> None:
     _png(out / "active" / "curve.png")
 
 
+def check_feedback(out: Path) -> None:
+    r = _json(out / "feedback" / "results.json")
+    if not r["phases"]:
+        raise AssertionError("feedback: no phase measured")
+    for p in r["phases"]:
+        if p["failed"] or p["missing_labels"]:
+            raise AssertionError(f"feedback: {p['phase']}: {p['failed']} failed, {p['missing_labels']} labels missing")
+        _finite_positive(p["labels_per_s"], f"feedback: {p['phase']} labels/s")
+    _png(out / "feedback" / "results.png")
+
+
 # name -> (command after the interpreter, check)
 BENCHMARKS: dict[str, tuple[Callable[[Path], list[str]], Callable[[Path], None]]] = {
     "loop": (lambda o: ["bench/loop/run.py", "--model", "tiny", "--minutes", "0.3", "--out", str(o / "loop.json")],
@@ -88,6 +99,7 @@ BENCHMARKS: dict[str, tuple[Callable[[Path], list[str]], Callable[[Path], None]]
     "active": (lambda o: ["bench/active/run.py", "--seeds", "1", "--budget", "60", "--initial", "20", "--batch", "20",
                           "--heads", "2", "--candidates", "200", "--max-conversations", "600",
                           "--out", str(o / "active"), "--cache", str(o / "active-cache")], check_active),
+    "feedback": (lambda o: ["bench/feedback/run.py", "--smoke", "--out", str(o / "feedback")], check_feedback),
 }
 
 
