@@ -323,3 +323,40 @@ def test_a_request_the_tokenizer_fails_on_fails_alone(tiny):
     outs = _run(go())
     assert isinstance(outs[1], ValueError)
     assert all(len(o.results) == 1 for k, o in enumerate(outs) if k != 1)
+
+
+def test_two_model_threads_score_batches_at_once_with_unbatched_scores(tiny):
+    model = RewardModel(tiny[0], max_length=64)
+    reg = CollectorRegistry()
+
+    async def go():
+        core = RewardCore(model, RewardMetrics(reg), max_batch_size=4, max_wait_s=0.01, model_workers=2,
+                          torch_threads=1)
+        await core.start()
+        try:
+            reqs = [_items(1, tag=f"w{k}-") for k in range(16)]
+            return reqs, await asyncio.gather(*(core.score(r) for r in reqs))
+        finally:
+            await core.stop()
+
+    reqs, outs = _run(go())
+    assert reg.get_sample_value("rlhf_reward_batch_items_count") >= 4
+    assert reg.get_sample_value("rlhf_reward_scored_items_total") == 16
+    for req, out in zip(reqs, outs):
+        assert [r.score for r in out.results] == pytest.approx([r.score for r in model.score(req)], abs=1e-5)
+
+
+def test_stop_answers_batches_already_on_a_model_thread(tiny):
+    model = RewardModel(tiny[0], max_length=64)
+
+    async def go():
+        core = RewardCore(model, None, max_batch_size=4, max_wait_s=0.0, model_workers=2)
+        await core.start()
+        tasks = [asyncio.create_task(core.score(_items(4, tag=f"s{k}-"))) for k in range(2)]
+        while not core._running and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.001)
+        await core.stop()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outs = _run(go())
+    assert all(not isinstance(o, BaseException) and len(o.results) == 4 for o in outs)

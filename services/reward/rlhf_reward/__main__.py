@@ -31,7 +31,8 @@ def builder(cfg: RewardConfig, bus: BusConfig, keys: ApiKeys):
         shadow = await rt.blocking(RewardModel, cfg.shadow_model, cfg.max_length) if cfg.shadow_model else None
         core = RewardCore(model, m, max_batch_items=cfg.max_batch_items, max_batch_size=cfg.max_batch_size,
                           max_wait_s=cfg.max_wait_ms / 1000, max_queue_items=cfg.max_queue_items, shadow=shadow,
-                          max_item_chars=cfg.max_item_chars, max_request_tokens=cfg.max_request_tokens)
+                          max_item_chars=cfg.max_item_chars, max_request_tokens=cfg.max_request_tokens,
+                          model_workers=cfg.model_workers, torch_threads=cfg.torch_threads)
         await core.start()
         rt.on_stop(core.stop)
         log.info("model %s (version %s, max_length %d); shadow %s; API keys %s", model.model_dir, model.version,

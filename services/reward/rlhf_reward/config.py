@@ -40,7 +40,10 @@ class RewardConfig(BaseConfig):
                                 "Optional second model folder scored beside the live one, for comparison only")
     model_name: str = setting("reward", "MODEL_NAME", "Name of the model in rlhf.weights records")
     subscribe_weights: bool = setting(True, "SUBSCRIBE_WEIGHTS", "Hot-swap to newer versions announced on rlhf.weights")
-    torch_threads: int = setting(1, "TORCH_THREADS", "torch intra-op threads")
+    torch_threads: int = setting(1, "TORCH_THREADS", "torch intra-op threads of each model thread")
+    model_workers: int = setting(1, "MODEL_WORKERS",
+                                 "Model threads, each scoring its own batch; on a CPU, workers x torch threads = "
+                                 "cores (several one-thread workers stall less when other threads share the cores)")
 
     def validate(self) -> None:
         self.check(bool(self.model), "model", "must name a model folder")
@@ -57,6 +60,7 @@ class RewardConfig(BaseConfig):
                    f"must be >= {self.env_of('max_length')}={self.max_length}")
         self.check(bool(self.model_name), "model_name", "must not be empty")
         self.check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+        self.check(self.model_workers >= 1, "model_workers", "must be >= 1")
         bad = bad_key(self.api_key_list)
         self.check(bad is None, "api_keys", KEY_RULE, shown=bad)
 

@@ -178,7 +178,9 @@ class RewardModel:
         # Most padding accepted in one forward pass, as a fraction of its real tokens.
         self.max_padding = 0.25
         self.shares_prefixes = _shares_prefixes(self.model)
-        self._lock = threading.Lock()
+        # The fast tokenizer is not safe to call from two threads at once; the model is
+        # (inference only), so several batches may run their forward passes together.
+        self._tok_lock = threading.Lock()
 
     def encode(self, items: list[ScoreItem]) -> "Encoded":
         """Tokenize (blocking; on the tokenizer thread): truncated token ids per item.
@@ -187,6 +189,10 @@ class RewardModel:
         encoded again, with truncation (`encode_pairs`). A pair within the limit encodes the
         same with or without truncation, so every row equals `encode_pairs`'s."""
         prompts, responses = [it.prompt for it in items], [it.response for it in items]
+        with self._tok_lock:
+            return self._encode(prompts, responses)
+
+    def _encode(self, prompts: list[str], responses: list[str]) -> "Encoded":
         enc = self.tokenizer(prompts, responses)
         keys = list(enc.keys())
         rows = [dict(zip(keys, r)) for r in zip(*(enc[k] for k in keys))]
@@ -202,7 +208,7 @@ class RewardModel:
     def forward(self, rows: list[dict], truncated: list[bool]) -> list[ScoreResult]:
         """Score encoded items (blocking: call it from the model thread, never the event loop)."""
         scores = [0.0] * len(rows)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             rest = list(range(len(rows)))
             if self.shares_prefixes:
                 groups, rest = prefix_groups([rows[i]["input_ids"] for i in rest], self.tokenizer.pad_token_id)
@@ -214,7 +220,8 @@ class RewardModel:
             # length are run together so that padding stays small.
             for bucket in length_buckets(lengths, self.max_padding):
                 group = [rest[j] for j in bucket]
-                batch = self.tokenizer.pad([rows[i] for i in group], return_tensors="pt")
+                with self._tok_lock:
+                    batch = self.tokenizer.pad([rows[i] for i in group], return_tensors="pt")
                 for i, s in zip(group, self.model(**batch).logits[:, 0].tolist()):
                     scores[i] = s
         return [ScoreResult(float(s), t) for s, t in zip(scores, truncated)]
@@ -311,18 +318,19 @@ class RewardCore:
     """Dynamic batching over a hot-swappable live model, with an optional shadow model.
 
     A request is checked (items, characters) before any work, tokenized on a tokenizer
-    thread of its own (so a long text never holds the model thread), and refused when its
-    tokens exceed `max_request_tokens`. Requests then queue on the event loop; one batching
-    task takes every request that arrives within `max_wait_s` of the oldest one, up to
-    `max_batch_size` items (a request is never split across batches), and scores them on a
-    dedicated model thread. Each batch reads the live model once, so every response comes
+    thread of its own (so a long text never holds a model thread; requests that arrive while
+    it is busy are tokenized together in one call), and refused when its tokens exceed
+    `max_request_tokens`. Requests then queue on the event loop; when one of the
+    `model_workers` model threads is free, the batching task takes every request that
+    arrives within `max_wait_s` of the oldest one, up to `max_batch_size` items (a request
+    is never split across batches), and scores them on that thread. Each batch reads the live model once, so every response comes
     from one version. A request whose caller has gone away is dropped before its forward pass.
     """
 
     def __init__(self, model: RewardModel, metrics: RewardMetrics | None = None, *, max_batch_items: int = 256,
                  max_batch_size: int = 32, max_wait_s: float = 0.005, max_queue_items: int = 4096,
                  shadow: RewardModel | None = None, max_shadow_backlog: int = 4, max_item_chars: int = 16384,
-                 max_request_tokens: int = 65536):
+                 max_request_tokens: int = 65536, model_workers: int = 1, torch_threads: int | None = None):
         self._live = model
         self.shadow = shadow
         self.metrics = metrics
@@ -340,7 +348,16 @@ class RewardCore:
         # Requests waiting for the tokenizer, and the task that tokenizes them together.
         self._to_encode: deque[tuple[list[ScoreItem], asyncio.Future]] = deque()
         self._encoder: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
+        # Model threads: each scores its own batch with `torch_threads` intra-op threads (if
+        # given). On a CPU, two threads of one torch thread each keep both cores busy without
+        # the barrier waits of one two-thread forward pass, which stall whenever another
+        # thread (gRPC, the tokenizer, a client) takes one of the cores.
+        self.model_workers = model_workers
+        self._executor = ThreadPoolExecutor(model_workers, thread_name_prefix="reward-model",
+                                            initializer=None if torch_threads is None else torch.set_num_threads,
+                                            initargs=() if torch_threads is None else (torch_threads,))
+        self._free: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenizer")
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="reward-shadow")
         self._shadow_backlog = 0
@@ -352,6 +369,7 @@ class RewardCore:
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
+        self._free = asyncio.Semaphore(self.model_workers)
         self._task = asyncio.create_task(self._batch_loop(), name="reward-batcher")
 
     async def stop(self) -> None:
@@ -368,6 +386,8 @@ class RewardCore:
                 await self._encoder
             except asyncio.CancelledError:
                 pass
+        if self._running:  # batches already on a model thread answer their callers
+            await asyncio.gather(*self._running, return_exceptions=True)
         while self._to_encode:
             _, f = self._to_encode.popleft()
             if not f.done():
@@ -494,7 +514,20 @@ class RewardCore:
             self.metrics.queued_items.set(self._queued_items)
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        while True:
+            # A batch is formed only when a model thread is free to take it, so requests that
+            # arrive meanwhile join it instead of waiting behind a small one.
+            await self._free.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._free.release()
+                raise
+            task = asyncio.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Pending]:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -523,33 +556,39 @@ class RewardCore:
             self._set_queued_gauge()
             if self._queue:
                 self._wake.set()
-            if not batch:
-                continue
+            if batch:
+                return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        """Score one batch on a model thread and answer its callers (releases the thread's slot)."""
+        try:
             model = self._live
-            items = [it for p in batch for it in p.items]
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._score_batch, model, batch)
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_batch,
+                                                                           model, batch)
             except Exception as e:  # reported to every caller of the batch, then go on
-                log.exception("scoring a batch of %d items failed", len(items))
+                log.exception("scoring a batch of %d items failed", sum(len(p.items) for p in batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
-                continue
-            served: list[tuple[_Pending, list[ScoreResult]]] = []
-            i = 0
-            for p in batch:
-                part = results[i:i + len(p.items)]
-                i += len(p.items)
-                if not p.future.done():  # a caller that left may have had its forward pass skipped
-                    p.future.set_result(ScoreOutput(part, model.version))
-                    served.append((p, part))
-            if not served:
-                continue
-            done = [r for _, part in served for r in part]
-            self._observe(model, [p for p, _ in served], done, t0)
-            if self.shadow is not None:
-                self._submit_shadow([it for p, _ in served for it in p.items], [r.score for r in done])
+                return
+        finally:
+            self._free.release()
+        served: list[tuple[_Pending, list[ScoreResult]]] = []
+        i = 0
+        for p in batch:
+            part = results[i:i + len(p.items)]
+            i += len(p.items)
+            if not p.future.done():  # a caller that left may have had its forward pass skipped
+                p.future.set_result(ScoreOutput(part, model.version))
+                served.append((p, part))
+        if not served:
+            return
+        done = [r for _, part in served for r in part]
+        self._observe(model, [p for p, _ in served], done, t0)
+        if self.shadow is not None:
+            self._submit_shadow([it for p, _ in served for it in p.items], [r.score for r in done])
 
     def _score_batch(self, model: RewardModel, batch: list[_Pending]) -> list[ScoreResult]:
         """Model thread: each request's encoding (re-done if a swap changed the model since),
