@@ -44,6 +44,9 @@ from typing import Callable, Literal, Sequence
 import grpc
 import httpx
 import torch
+# Imported here, not lazily in a thread: transformers' lazy imports race when two threads
+# resolve them at once (the demo trains the judge while the stack starts).
+from transformers import AutoModel, AutoTokenizer
 
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
 from rlhf_jobs.preference_data import RatedConversation, chitchat_conversations, minilm_dir
@@ -94,8 +97,6 @@ class Embedder:
     length (less padding). Thread-safe: one forward pass at a time."""
 
     def __init__(self, max_length: int = 128, batch_size: int = 32):
-        from transformers import AutoModel, AutoTokenizer
-
         self.max_length, self.batch_size = max_length, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
         self.model = AutoModel.from_pretrained(str(minilm_dir())).eval()
