@@ -88,6 +88,24 @@ def check_feedback(out: Path) -> None:
     _png(out / "feedback" / "results.png")
 
 
+def check_sync(out: Path) -> None:
+    r = _json(out / "sync.json")
+    for size, x in r["sizes"].items():
+        for fmt in ("full", "lora"):
+            for key in ("save_s", "event_to_first_response_s", "step_s", "weight_bytes"):
+                _finite_positive(x[fmt][key], f"sync: {size} {fmt} {key}")
+    _png(out / "sync.png")
+
+
+def check_reward(out: Path) -> None:
+    r = _json(out / "reward" / "results.json")
+    _finite_positive(r["summary"]["limit_items_per_s"], "reward: offline limit items/s")
+    for side in ("grpc", "rest", "core"):
+        _finite_positive(r["summary"][side]["items_per_s"], f"reward: {side} items/s")
+        _finite_positive(r["summary"][side]["p99_ms"], f"reward: {side} p99 ms")
+    _png(out / "reward" / "results.png")
+
+
 # name -> (command after the interpreter, check)
 BENCHMARKS: dict[str, tuple[Callable[[Path], list[str]], Callable[[Path], None]]] = {
     "loop": (lambda o: ["bench/loop/run.py", "--model", "tiny", "--minutes", "0.3", "--out", str(o / "loop.json")],
@@ -99,6 +117,9 @@ BENCHMARKS: dict[str, tuple[Callable[[Path], list[str]], Callable[[Path], None]]
     "active": (lambda o: ["bench/active/run.py", "--seeds", "1", "--budget", "60", "--initial", "20", "--batch", "20",
                           "--heads", "2", "--candidates", "200", "--max-conversations", "600",
                           "--out", str(o / "active"), "--cache", str(o / "active-cache")], check_active),
+    "reward": (lambda o: ["bench/reward/run.py", "--smoke", "--out", str(o / "reward")], check_reward),
+    "sync": (lambda o: ["bench/sync/run.py", "--sizes", "tiny", "--rounds", "1", "--out", str(o / "sync.json")],
+             check_sync),
     "feedback": (lambda o: ["bench/feedback/run.py", "--smoke", "--out", str(o / "feedback")], check_feedback),
 }
 
