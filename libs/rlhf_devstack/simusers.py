@@ -385,6 +385,15 @@ class NoiseModel:
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"NoiseModel.{name}={v!r}: must be a finite number >= 0")
 
+    @classmethod
+    def scaled(cls, cal: Calibration, temperature: float = 0.5, rating_noise: float = 0.5) -> "NoiseModel":
+        """Noise relative to the spread of the calibration answers: thumb and pairwise
+        temperatures of `temperature` calibration standard deviations, rating noise of
+        `rating_noise` of them. With 0.5, an answer one standard deviation above the centre
+        gets a thumb up with probability sigmoid(2) = 0.88, whatever the judge's scale."""
+        return cls(thumb_temperature=temperature * cal.scale, rating_noise=rating_noise * cal.scale,
+                   pairwise_temperature=temperature * cal.scale)
+
 
 def p_thumb_up(gold: float, cal: Calibration, noise: NoiseModel) -> float:
     d = gold - cal.centre

@@ -31,6 +31,14 @@ def test_noise_parameters_are_checked():
             NoiseModel(**bad)
 
 
+def test_noise_relative_to_the_calibration_spread():
+    noise = NoiseModel.scaled(CAL, temperature=0.5, rating_noise=0.25)
+    assert math.isclose(noise.thumb_temperature, 0.5 * CAL.scale)
+    assert noise.pairwise_temperature == noise.thumb_temperature
+    assert math.isclose(noise.rating_noise, 0.25 * CAL.scale)
+    assert math.isclose(p_thumb_up(CAL.centre + CAL.scale, CAL, noise), 1 / (1 + math.exp(-2)))
+
+
 def test_thumb_up_probability_is_a_sigmoid_around_the_centre_and_monotone():
     noise = NoiseModel(thumb_temperature=0.5)
     assert p_thumb_up(CAL.centre, CAL, noise) == 0.5
