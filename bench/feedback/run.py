@@ -1,6 +1,7 @@
 """Benchmark: the feedback path, from a client's POST to the joined label on rlhf.labels.
 
-    .venv/bin/python bench/feedback/run.py            # full run (about 10 minutes)
+    .venv/bin/python bench/feedback/run.py --baseline REV   # full run, against the service at git REV
+    .venv/bin/python bench/feedback/run.py            # full run without a baseline
     .venv/bin/python bench/feedback/run.py --smoke    # about 30 s, writes to a temporary folder
 
 Real parts only: the tansu broker (`rlhf_devstack.devbroker`) and the feedback service as its
@@ -8,13 +9,15 @@ own process (`python -m rlhf_feedback`, default settings, its state on disk).
 
 1. A probe measures what a consumer's fetch wait costs on this broker: the delay from a
    record's write to a consumer's poll returning it, and the idle CPU of a waiting consumer
-   and the broker, for fetch waits of 500 ms (the default of `rlhf_common.bus.Consumer`,
-   which the join uses), 100 and 20 ms.
-2. Served answers go to rlhf.generations first, as the policy's `GenerationRecorder` writes
-   them: the same `Generation` protobuf records, keyed by generation id, two answers per
-   request (so pairwise choices have an A and a B on one prompt), in chunks; each chunk is
-   timed until the join has read it (`rlhf_feedback_generations_total` on /metrics). With
-   `--ingest-compare` a second service with the rating queue off takes as many in turn.
+   and the broker, for several fetch waits (`--probe-waits`).
+2. The join's intake against the pairs the rating queue keeps (`--ingest-at`): services on
+   their own topics with the queue on, on in the `--baseline` revision, and off
+   (`--ingest-compare`) are filled with served answers, and at each point a chunk of
+   `--ingest-chunk` answers is timed until the join has read it
+   (`rlhf_feedback_generations_total` on /metrics); the sides take turns. Served answers are
+   written as the policy's `GenerationRecorder` writes them: the same `Generation` protobuf
+   records, keyed by generation id, two answers per request (so pairwise choices have an A
+   and a B on one prompt). The main service then gets `--requests` requests' answers.
 3. C clients each send one single-item request after another (a user's click is one item):
    REST `POST /v1/feedback` at every `--concurrency` (a minimal keep-alive HTTP/1.1 client),
    gRPC `Submit` at `--grpc-concurrency`, REST on httpx at `--httpx-concurrency`, and REST
@@ -25,10 +28,10 @@ own process (`python -m rlhf_feedback`, default settings, its state on disk).
    10 ms fetch wait, so it adds little of its own).
 5. Light-load phases send items at fixed, low rates (Poisson arrivals, `--light-rates`),
    where nothing queues: what is left of the end-to-end latency is the service's own waiting.
-6. `--what-if`: a second copy of the service whose join consumers use another fetch wait
-   and poll timeout (set by its entry point, `WHAT_IF`; nothing in the repository changes)
-   runs the light-load phases and REST c=8 in turn with the default one, and both are
-   measured idle.
+6. `--join-sides`: one service per setting of the join's consumers
+   (RLHF_FEEDBACK_JOIN_FETCH_WAIT_MS, RLHF_FEEDBACK_JOIN_POLL_MS) and one of the `--baseline`
+   revision, each with the same 1,000 answers, are measured idle side by side, then run the
+   light-load phases and REST c=8 in turn.
 
 Times: t_send (client before the request), t_ack (client got the 2xx), label.created_unix_ms
 (the join made the label, service clock: the same machine), t_seen (the label consumer got
@@ -289,31 +292,35 @@ class Service:
         self.proc.wait()
 
 
-# The service's own entry point, started with the join's two hard-coded consumer settings
-# changed (a what-if: nothing in the repository changes): the fetch wait of
-# `rlhf_common.bus.Consumer` (500 ms) and the poll timeout of the join loop (100 ms per topic).
-WHAT_IF = """
-import functools
-import rlhf_common.bus as bus
-init, poll = bus.Consumer.__init__, bus.Consumer.poll
-
-@functools.wraps(init)
-def init_(self, *a, **kw):
-    kw.setdefault("fetch_max_wait_ms", {fetch_wait_ms})
-    init(self, *a, **kw)
-
-@functools.wraps(poll)
-def poll_(self, timeout_ms=200, max_records=64):
-    return poll(self, min(timeout_ms, {poll_ms}), max_records)
-
-bus.Consumer.__init__, bus.Consumer.poll = init_, poll_
+# The feedback service of an earlier revision (`--baseline`), extracted with `git archive`:
+# its package is imported from there instead of this checkout's (the editable install's
+# finder is dropped so that sys.path decides); everything else comes from this checkout.
+BASELINE = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if not type(f).__module__.startswith("__editable__")]
+sys.path.insert(0, {src!r})
+import rlhf_feedback
+assert rlhf_feedback.__file__.startswith({src!r}), rlhf_feedback.__file__
 from rlhf_common import service
 from rlhf_feedback.__main__ import main
 service.cli(main, "rlhf_feedback")
 """
 
 
-def start_service(bus, state_dir: Path, log: Path, what_if: tuple[int, int] | None = None, **settings) -> Service:
+def baseline_source(rev: str, work: Path) -> Path:
+    """This repository's services/feedback at `rev`, extracted into `work` (the repository is not changed)."""
+    dest = work / f"baseline-{rev}"
+    dest.mkdir(parents=True, exist_ok=True)
+    root = HERE.parent.parent
+    tar = subprocess.run(["git", "-C", str(root), "archive", rev, "services/feedback"], check=True,
+                         capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return dest / "services" / "feedback"
+
+
+def start_service(bus, state_dir: Path, log: Path, baseline: Path | None = None, **settings) -> Service:
+    """The feedback service as its own process; `baseline`: an earlier revision's source
+    (`baseline_source`), which is given the same settings (those it does not know are ignored)."""
     import httpx
 
     from rlhf_devstack.stack import free_port, wait_healthy
@@ -323,8 +330,7 @@ def start_service(bus, state_dir: Path, log: Path, what_if: tuple[int, int] | No
                          state_dir=str(state_dir), **settings)
     env = {**os.environ, **bus.to_env(), **cfg.to_env(), "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as out:
-        cmd = ["-m", "rlhf_feedback"] if what_if is None else [
-            "-c", WHAT_IF.format(fetch_wait_ms=what_if[0], poll_ms=what_if[1])]
+        cmd = ["-m", "rlhf_feedback"] if baseline is None else ["-c", BASELINE.format(src=str(baseline))]
         proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     svc = Service(proc, cfg, log, state_dir)
@@ -369,38 +375,55 @@ def publish_generations(bus, gens, svc: Service, timeout_s: float = 300) -> floa
     return time.monotonic() - t0
 
 
-def ingest_generations(bus, svc: Service, gens, broker_pid: int, work: Path, args) -> list[dict]:
-    """Feed the served answers to the join in `args.ingest_chunks` chunks and time each. With
-    `--ingest-compare`, a second service with the rating queue off (RLHF_FEEDBACK_RATE_ENABLED=false)
-    on its own topics gets as many answers of its own, chunk by chunk in turn with the first."""
+def ingest_generations(bus, broker_pid: int, work: Path, args, baseline: Path | None) -> list[dict]:
+    """The join's intake of served answers against the pairs its rating queue keeps. Each side
+    is its own service on its own topics: the rating queue on (this revision), on (the
+    `--baseline` revision, if given) and off (`--ingest-compare`). At each number of pairs in
+    `--ingest-at`, every side is first filled (untimed) to twice as many answers (two answers
+    per prompt make one pair), then `--ingest-chunk` answers are timed; the sides take turns."""
     from rlhf_common.bus import ensure_topics
     from rlhf_common.config import BusConfig
 
-    sides = [("rate queue on (default)" if args.rate_enabled else "rate queue off", bus, svc, gens)]
-    other = None
+    at = [int(x) for x in args.ingest_at.split(",") if x.strip()]
+    if not at:
+        return []
+    plan = [("queue on", None, True)]
+    if baseline is not None:
+        plan.append((f"queue on, {args.baseline}", baseline, True))
     if args.ingest_compare:
-        bus_off = BusConfig(bootstrap=bus.bootstrap, topic_prefix=bus.topic_prefix + "off")
-        ensure_topics(bus_off)
-        other = start_service(bus_off, work / "state-off", work / "feedback-off.log", rate_enabled=False)
-        sides.append(("rate queue off", bus_off, other, generations(len(gens) // 2, args.seed + 1)))
+        plan.append(("queue off", None, False))
+    n_answers = 2 * max(at) + args.ingest_chunk
+    sides = []
     rows = []
     try:
-        k = args.ingest_chunks
-        for i in range(k):
-            for name, b, s, g in sides:
-                chunk = g[i * len(g) // k:(i + 1) * len(g) // k]
-                c0 = cpu_s(s.proc.pid)
-                secs = publish_generations(b, chunk, s)
-                rows.append({"side": name, "chunk": i + 1, "generations": len(chunk),
-                             "stored_before": i * len(g) // k, "seconds": round(secs, 2),
-                             "per_s": round(len(chunk) / secs, 1),
-                             "service_cpu_ms_per_generation": round(1000 * (cpu_s(s.proc.pid) - c0) / len(chunk), 2)})
-                print(f"  ingest {name:<24} chunk {i + 1}: {len(chunk)} generations (after {rows[-1]['stored_before']}) "
-                      f"read by the join in {secs:5.1f} s = {rows[-1]['per_s']:6.1f}/s, "
-                      f"{rows[-1]['service_cpu_ms_per_generation']:.2f} ms CPU each", flush=True)
+        for i, (name, src, rate) in enumerate(plan):
+            b = BusConfig(bootstrap=bus.bootstrap, topic_prefix=f"{bus.topic_prefix}in{i}")
+            ensure_topics(b)
+            svc = start_service(b, work / f"state-in{i}", work / f"feedback-in{i}.log", baseline=src,
+                                rate_enabled=rate)
+            sides.append({"name": name, "bus": b, "svc": svc, "gens": generations(n_answers // 2 + 1, args.seed + 7),
+                          "stored": 0})
+        for pairs in at:
+            for side in sides:
+                svc, gens = side["svc"], side["gens"]
+                fill = gens[side["stored"]:max(side["stored"], 2 * pairs)]
+                if fill:
+                    publish_generations(side["bus"], fill, svc, timeout_s=3600)
+                    side["stored"] += len(fill)
+                chunk = gens[side["stored"]:side["stored"] + args.ingest_chunk]
+                c0 = cpu_s(svc.proc.pid)
+                secs = publish_generations(side["bus"], chunk, svc, timeout_s=3600)
+                row = {"side": side["name"], "pairs_before": side["stored"] // 2, "stored_before": side["stored"],
+                       "generations": len(chunk), "seconds": round(secs, 2), "per_s": round(len(chunk) / secs, 1),
+                       "service_cpu_ms_per_generation": round(1000 * (cpu_s(svc.proc.pid) - c0) / len(chunk), 2)}
+                side["stored"] += len(chunk)
+                rows.append(row)
+                print(f"  intake {side['name']:<22} after {row['stored_before']:6d} answers ({row['pairs_before']} "
+                      f"pairs): {len(chunk)} read by the join in {secs:5.1f} s = {row['per_s']:6.1f}/s, "
+                      f"{row['service_cpu_ms_per_generation']:.2f} ms CPU each", flush=True)
     finally:
-        if other is not None:
-            other.stop()
+        for side in sides:
+            side["svc"].stop()
     return rows
 
 
@@ -643,49 +666,67 @@ def run_phase(name: str, mode: str, svc: Service, broker_pid: int, watch: LabelW
     return res
 
 
-def compare_join_settings(bus, svc: Service, watch: LabelWatch, broker_pid: int, gens, work: Path, args,
+def join_sides(args) -> list[tuple[str, dict, bool]]:
+    """(name, settings, baseline?) per side of `--join-sides`: 'baseline' or 'FETCH_WAIT_MS,POLL_MS'."""
+    out = []
+    for spec in (x.strip() for x in args.join_sides.split(";")):
+        if spec == "baseline":
+            if args.baseline:
+                out.append((f"{args.baseline} (500 ms, 100 ms)", {}, True))
+        elif spec:
+            wait, poll = (int(x) for x in spec.split(","))
+            out.append((f"{wait} ms, {poll} ms", {"join_fetch_wait_ms": wait, "join_poll_ms": poll}, False))
+    return out
+
+
+def compare_join_settings(bus, broker_pid: int, gens, work: Path, args, baseline: Path | None,
                           rng: random.Random) -> dict:
-    """The default service against one started with the join's consumer settings changed
-    (`--what-if`): idle CPU side by side, then the light-load phases and REST c=8, in turn."""
+    """The join's consumer settings (`--join-sides`: fetch wait, poll cap; and the `--baseline`
+    revision, whose values were fixed in code): one service per side on its own topics with the
+    same 1,000 answers; idle CPU side by side, then the light-load phases and REST c=8, the
+    sides in turn."""
     from rlhf_common.bus import ensure_topics
     from rlhf_common.config import BusConfig
 
-    fetch_wait_ms, poll_ms = (int(x) for x in args.what_if.split(","))
-    bus_w = BusConfig(bootstrap=bus.bootstrap, topic_prefix=bus.topic_prefix + "w")
-    ensure_topics(bus_w)
-    other = start_service(bus_w, work / "state-w", work / "feedback-w.log", what_if=(fetch_wait_ms, poll_ms))
-    watch_w = None
+    sides = []
     try:
         subset = gens[:1000]
-        publish_generations(bus_w, subset, other)
-        watch_w = LabelWatch(bus_w)
-        watch_w.start()
-        time.sleep(3)  # both idle
-        c0, b0, t0 = (cpu_s(svc.proc.pid), cpu_s(other.proc.pid)), cpu_s(broker_pid), time.monotonic()
+        for i, (name, settings, base) in enumerate(join_sides(args)):
+            b = BusConfig(bootstrap=bus.bootstrap, topic_prefix=f"{bus.topic_prefix}j{i}")
+            ensure_topics(b)
+            svc = start_service(b, work / f"state-j{i}", work / f"feedback-j{i}.log",
+                                baseline=baseline if base else None, **settings)
+            sides.append({"name": name, "svc": svc, "settings": settings})
+            publish_generations(b, subset, svc)
+            sides[-1]["watch"] = LabelWatch(b)
+            sides[-1]["watch"].start()
+        time.sleep(3)  # all idle
+        c0 = [cpu_s(s["svc"].proc.pid) for s in sides]
+        b0, t0 = cpu_s(broker_pid), time.monotonic()
         time.sleep(args.probe_idle_s)
         span = time.monotonic() - t0
-        idle = {"seconds": round(span, 1), "default_service_cpu_pct": round(100 * (cpu_s(svc.proc.pid) - c0[0]) / span, 2),
-                "what_if_service_cpu_pct": round(100 * (cpu_s(other.proc.pid) - c0[1]) / span, 2),
-                "broker_cpu_pct_both": round(100 * (cpu_s(broker_pid) - b0) / span, 2)}
-        print(f"  idle CPU: default service {idle['default_service_cpu_pct']}%, what-if service "
-              f"{idle['what_if_service_cpu_pct']}% of a core (broker, both: {idle['broker_cpu_pct_both']}%)",
+        idle = {"seconds": round(span, 1), "broker_cpu_pct_all": round(100 * (cpu_s(broker_pid) - b0) / span, 2),
+                "service_cpu_pct": {s["name"]: round(100 * (cpu_s(s["svc"].proc.pid) - c) / span, 2)
+                                    for s, c in zip(sides, c0)}}
+        print(f"  idle CPU (% of a core): {idle['service_cpu_pct']}, broker for all: {idle['broker_cpu_pct_all']}%",
               flush=True)
         phases = []
         plan = [(float(x), 0) for x in args.light_rates.split(",") if x.strip()] + [(None, 8)]
         for rate, c in plan:
             n = max(10, round(rate * args.light_s)) if rate else args.items // 2
-            items = make_items(subset, n, f"wi{rate}-{c}", rng)
-            for side, s, w in (("default", svc, watch), ("what-if", other, watch_w)):
-                name = f"{side}: " + (f"REST {rate:g}/s open loop" if rate else f"REST c={c}")
-                res = run_phase(name, "rest", s, broker_pid, w, items, c, rate, args.seed)
-                res.update(side=side)
+            items = make_items(subset, n, f"js{rate}-{c}", rng)
+            for side in sides:
+                name = f"{side['name']}: " + (f"REST {rate:g}/s open loop" if rate else f"REST c={c}")
+                res = run_phase(name, "rest", side["svc"], broker_pid, side["watch"], items, c, rate, args.seed)
+                res.update(side=side["name"], settings=side["settings"])
                 phases.append(res)
-        return {"fetch_wait_ms": fetch_wait_ms, "poll_ms": poll_ms, "idle": idle, "phases": phases}
+        return {"sides": [s["name"] for s in sides], "idle": idle, "phases": phases}
     finally:
-        if watch_w is not None:
-            watch_w.stop.set()
-            watch_w.join(5)
-        other.stop()
+        for side in sides:
+            if "watch" in side:
+                side["watch"].stop.set()
+                side["watch"].join(5)
+            side["svc"].stop()
 
 
 # ---------------------------------------------------------------- fetch-wait probe
@@ -772,8 +813,10 @@ def plot(res: dict, path: Path) -> None:
     first = {}
     for ph in phases:
         first.setdefault(ph["phase"].rsplit("#", 1)[0], ph)
-    wi = res.get("what_if") or {}
-    fig, axes = plt.subplots(1, 3 if wi else 2, figsize=(19 if wi else 13, 4.8))
+    js = res.get("join_settings") or {}
+    intake = res.get("ingest") or []
+    n = 2 + bool(js) + bool(intake)
+    fig, axes = plt.subplots(1, n, figsize=(6.4 * n, 4.8))
     ax1, ax2 = axes[0], axes[1]
     for i, (name, ph) in enumerate(first.items()):
         for key, style in (("e2e_ms", "-"), ("post_ms", ":")):
@@ -806,19 +849,38 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_title("Items/s over time (the slowest phase to label, if another)", fontsize=10)
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
-    if wi:
-        ax3 = axes[2]
-        for i, ph in enumerate(wi["phases"]):
-            xs = sorted(ph["series"]["e2e_ms"])
-            ys = [(j + 1) / len(xs) for j in range(len(xs))]
-            ax3.plot(xs, ys, "-" if ph["side"] == "default" else "--", color=f"C{i // 2}", label=ph["phase"])
-        ax3.set_xscale("log")
-        ax3.set_xlabel("POST to label (ms, log scale)")
-        ax3.set_ylabel("share of items")
-        ax3.set_title(f"Join consumers: default (500 ms fetch wait, 100 ms poll) vs "
-                      f"{wi['fetch_wait_ms']} ms / {wi['poll_ms']} ms", fontsize=10)
+    k = 2
+    if js:
+        ax3 = axes[k]
+        k += 1
+        loads = sorted({ph["phase"].split(": ", 1)[1] for ph in js["phases"]},
+                       key=lambda x: [p["phase"].split(": ", 1)[1] for p in js["phases"]].index(x))
+        idle = js["idle"]["service_cpu_pct"]
+        for i, load in enumerate(loads):
+            pts = [(idle[ph["side"]], ph["e2e_ms"]["p50"], ph["e2e_ms"]["p99"], ph["side"])
+                   for ph in js["phases"] if ph["phase"].endswith(": " + load)]
+            ax3.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"{load}: p50")
+            ax3.plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=f"C{i}", label=f"{load}: p99")
+            if i == 0:
+                for x, y, _, name in pts:
+                    ax3.annotate(name, (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        ax3.set_yscale("log")
+        ax3.set_xlabel("idle service CPU (% of a core)")
+        ax3.set_ylabel("POST to label (ms, log scale)")
+        ax3.set_title("Join consumers (fetch wait, poll cap): latency against idle CPU", fontsize=10)
         ax3.grid(True, which="both", alpha=0.3)
         ax3.legend(fontsize=7)
+    if intake:
+        ax4 = axes[k]
+        for i, side in enumerate(dict.fromkeys(r["side"] for r in intake)):
+            rows = [r for r in intake if r["side"] == side]
+            ax4.plot([r["pairs_before"] for r in rows], [r["per_s"] for r in rows], "o-", color=f"C{i}", label=side)
+        ax4.set_xlabel("pairs kept in the rating queue")
+        ax4.set_ylabel("answers/s read by the join")
+        ax4.set_ylim(bottom=0)
+        ax4.set_title("The join's intake of served answers", fontsize=10)
+        ax4.grid(True, alpha=0.3)
+        ax4.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -840,24 +902,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="the main service's rating queue (RLHF_FEEDBACK_RATE_ENABLED; on by default)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the alternating phases")
     ap.add_argument("--requests", type=int, default=3000, help="served requests (two answers each) to judge")
-    ap.add_argument("--ingest-chunks", type=int, default=3, help="chunks the served answers are written in")
+    ap.add_argument("--ingest-at", default="0,1000,2000,10000",
+                    help="pairs kept in the rating queue when the join's intake is timed (empty: no intake timing)")
+    ap.add_argument("--ingest-chunk", type=int, default=1000, help="answers timed at each --ingest-at point")
     ap.add_argument("--ingest-compare", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the join's intake with the rating queue off, on a second service")
+                    help="also time the join's intake with the rating queue off, on another service")
+    ap.add_argument("--baseline", default="",
+                    help="an earlier revision (git) whose feedback service runs as one more side of the intake "
+                         "and join-settings comparisons (empty: none)")
     ap.add_argument("--light-rates", default="2,20", help="items/s of the open-loop light-load phases (empty: none)")
     ap.add_argument("--light-s", type=float, default=30.0, help="seconds of each light-load phase")
     ap.add_argument("--probe-waits", default="500,100,20", help="fetch waits (ms) for the probe (empty: none)")
     ap.add_argument("--probe-sends", type=int, default=25)
     ap.add_argument("--probe-idle-s", type=float, default=10.0)
-    ap.add_argument("--what-if", default="50,20",
-                    help="FETCH_WAIT_MS,POLL_MS: also run the light-load phases and REST c=8 on a second service "
-                         "whose join consumers use these, in turn with the default one (empty: none)")
+    ap.add_argument("--join-sides", default="baseline;500,100;100,20;50,20;20,10",
+                    help="';'-separated sides of the join-settings comparison: 'FETCH_WAIT_MS,POLL_MS' "
+                         "(RLHF_FEEDBACK_JOIN_FETCH_WAIT_MS, _JOIN_POLL_MS) or 'baseline' (the --baseline revision); "
+                         "each runs the light-load phases and REST c=8 on its own service (empty: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; --smoke: a "
                                                            "temporary one)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny run for CI: --items 200 --rounds 1 --requests 200 --light-rates 20 --light-s 4 "
-                         "--probe-waits 500 --probe-sends 8 --probe-idle-s 2 --ingest-chunks 1 --no-ingest-compare "
-                         "--what-if ''")
+                         "--probe-waits 500 --probe-sends 8 --probe-idle-s 2 --ingest-at 0 --ingest-chunk 200 "
+                         "--no-ingest-compare --join-sides ''")
     ap.add_argument("--replot", action="store_true", help="only draw results.png again from --out's results.json")
     args = ap.parse_args(argv)
     if args.replot:
@@ -866,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.smoke:
         args.items, args.rounds, args.requests, args.light_rates, args.light_s = 200, 1, 200, "20", 4.0
-        args.ingest_chunks, args.ingest_compare, args.what_if = 1, False, ""
+        args.ingest_at, args.ingest_chunk, args.ingest_compare, args.join_sides = "0", 200, False, ""
         args.probe_waits, args.probe_sends, args.probe_idle_s = "500", 8, 2.0
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-feedback-")) if args.smoke else HERE)
     out.mkdir(parents=True, exist_ok=True)
@@ -893,9 +961,11 @@ def main(argv: list[str] | None = None) -> int:
                                      args.probe_sends, args.probe_idle_s)
         commits = commit_probe(work)
         print(f"SQLite commit in the state folder: {commits}", flush=True)
+        baseline = baseline_source(args.baseline, work) if args.baseline else None
+        ingest = ingest_generations(bus, broker.proc.pid, work, args, baseline)
         svc = start_service(bus, work / "state", work / "feedback.log", rate_enabled=args.rate_enabled)
         gens = generations(args.requests, args.seed)
-        ingest = ingest_generations(bus, svc, gens, broker.proc.pid, work, args)
+        publish_generations(bus, gens, svc, timeout_s=3600)
         watch = LabelWatch(bus)
         watch.start()
         # warm-up: connections, the join's first batches
@@ -903,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
                   args.seed)
         phases = []
         plan = [("rest", c) for c in (int(x) for x in args.concurrency.split(","))]
-        plan.append(("grpc", args.grpc_concurrency))
+        if args.grpc_concurrency:
+            plan.append(("grpc", args.grpc_concurrency))
         if args.httpx_concurrency:
             plan.append(("httpx", args.httpx_concurrency))
         if args.serve_rate:
@@ -921,9 +992,9 @@ def main(argv: list[str] | None = None) -> int:
             name = f"REST {rate:g}/s open loop#1"
             items = make_items(gens, max(10, round(rate * args.light_s)), f"light{rate:g}", rng)
             phases.append(run_phase(name, "rest", svc, broker.proc.pid, watch, items, 0, rate, args.seed))
-        what_if = []
-        if args.what_if:
-            what_if = compare_join_settings(bus, svc, watch, broker.proc.pid, gens, work, args, rng)
+        join_cmp = {}
+        if join_sides(args):
+            join_cmp = compare_join_settings(bus, broker.proc.pid, gens, work, args, baseline, rng)
         joined = svc.metric("rlhf_feedback_join_total")
         repeats = watch.repeats
     finally:
@@ -945,12 +1016,14 @@ def main(argv: list[str] | None = None) -> int:
             "topic_partitions": bus.partitions, "rate_enabled": args.rate_enabled,
             "sender": "AckedSender: kafka-python producer, acks=all, linger_ms=2, one flush per request",
             "accepted_store": "SQLite WAL, synchronous=FULL, one transaction per request on one thread",
-            "join_consumers": "two kafka-python consumers (generations, feedback), fetch_max_wait_ms=500, "
-                              "poll(timeout_ms=100, max_records=64) each in turn",
+            "join_fetch_wait_ms": defaults.join_fetch_wait_ms, "join_poll_ms": defaults.join_poll_ms,
+            "join_max_records": defaults.join_max_records,
+            "join_consumers": "two kafka-python consumers (generations, feedback), polled in turn; no wait while "
+                              "records come in",
             "join_db": "SQLite WAL, synchronous=NORMAL, one transaction per polled batch",
             "join_expire_every_s": 1.0,
         },
-        "what_if": what_if, "fetch_wait_probe": probe, "sqlite_commit_probe": commits, "phases": phases,
+        "join_settings": join_cmp, "fetch_wait_probe": probe, "sqlite_commit_probe": commits, "phases": phases,
     }
     (out / "results.json").write_text(dump(res))
     plot(res, out / "results.png")
