@@ -321,6 +321,17 @@ def plot(sides: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def machine() -> str:
+    """Architecture, cores and CPU model (from /proc/cpuinfo where there is one)."""
+    name = platform.processor() or "cpu"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -353,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         run_limit(policy, reward, args.threads, args.limit_child)
         return
     out = args.out or HERE / f"results-{args.model}.json"
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+    res = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d"), "versions": versions(), "model": args.model, "settings": SETTINGS,
            "minutes": args.minutes, "sides": {}}
     curves = {}

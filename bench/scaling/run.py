@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -93,10 +91,11 @@ def plot(points: list[dict], base_batch: int, base_length: int, path: Path, titl
         ax.plot(labels, [p["s_per_step"] for p in pts], "k.-", label="wall-clock s/step")
         ax.plot(labels, [p["policy_rollout_s_per_step"]["generate"] for p in pts], "x--", color="#937860",
                 label="policy generating (beside the trainer)")
+        ax.set_ylim(0, 1.12 * max(max(bottom), max(p["s_per_step"] for p in pts)))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("seconds per step")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper left", framealpha=0.9)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -112,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-batch", type=int, default=2, help="Prompts per step while the length varies")
     ap.add_argument("--base-length", type=int, default=32, help="Max new tokens while the batch varies")
     ap.add_argument("--out", type=Path, default=None, help="Results JSON (default bench/scaling/results-<model>.json)")
+    ap.add_argument("--replot", action="store_true", help="Only draw the plot again from --out")
     args = ap.parse_args(argv)
+    if args.replot:
+        out = args.out or HERE / f"results-{args.model}.json"
+        plot(json.loads(out.read_text())["points"], args.base_batch, args.base_length, out.with_suffix(".png"),
+             f"{args.model}: step time by phase against batch size and answer length")
+        return
     batches = [int(x) for x in args.batches.split(",") if x]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     settings = [(b, args.base_length) for b in batches]
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     loop = _loop_bench()
     policy, reward = loop.models(args.model)
     out = args.out or HERE / f"results-{args.model}.json"
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+    res = {"machine": loop.machine(),
            "date": time.strftime("%Y-%m-%d"), "versions": loop.versions(), "model": args.model,
            "settings": {**loop.SETTINGS, "varied": ["prompts_per_step", "max_new_tokens"]},
            "minutes_per_setting": args.minutes, "points": []}
