@@ -83,6 +83,12 @@ PROMPTS = [
 
 
 # -- models -------------------------------------------------------------------------------------
+
+def _millions(n: float) -> str:
+    """Parameters in millions, without exponent notation: 0.462M, 135M, 1544M."""
+    m = n / 1e6
+    return f"{m:.3g}M" if m < 1000 else f"{m:.0f}M"
+
 def build_qwen_shaped(name: str, out: Path) -> Path:
     """A Qwen2ForCausalLM with Qwen2.5's published shapes and seeded random bf16 weights, with
     SmolLM2's tokenizer (cached). The vocabulary keeps Qwen's 151,936 rows; the tokenizer knows
@@ -396,13 +402,13 @@ def plot(results: dict, path: Path) -> None:
         ax.plot([p for p, _ in pts], [v for _, v in pts], color=colour, ls=style, marker=marker, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(params, [f"{s}\n{p / 1e6:.3g}M" for s, p in zip(sizes, params)], fontsize=8)
+    ax.set_xticks(params, [f"{s}\n{_millions(p)}" for s, p in zip(sizes, params)], fontsize=8)
     ax.minorticks_off()
     ax.set_ylabel("seconds per update or step (median, log)")
     ax.set_xlabel("policy parameters (log)")
     ax.set_title("Weight sync and step time against model size", fontsize=10)
     ax.legend(fontsize=7)
-    labels = [f"{s}\n{p / 1e6:.3g}M" for s, p in zip(sizes, params)]
+    labels = [f"{s}\n{_millions(p)}" for s, p in zip(sizes, params)]
     x = range(len(sizes))
     ax = axes[1]
     for off, fmt, hatch in ((-0.2, "full", ""), (0.2, "lora", "//")):
@@ -450,7 +456,7 @@ def tables(results: dict) -> str:
                 step = f"no fit: full fine-tuning needs {r['full_train_need_gib']:.0f} GiB beside vLLM"
                 share = "-"
             label = "full" if fmt == "full" else f"LoRA r{r['lora_config']['rank']}"
-            out.append(f"| {size} | {r['params'] / 1e6:.3g}M | {label} | {m['weight_bytes'] / 1e6:.1f} MB "
+            out.append(f"| {size} | {_millions(r['params'])} | {label} | {m['weight_bytes'] / 1e6:.1f} MB "
                        f"| {f(m['save_s'])}{pct(m, 'save_s')} ({f(m['hash_s'])}) "
                        f"| {f(m['reader_fetch_verify_s'])} | {f(m.get('worker_load_s'))} "
                        f"| {f(m['event_to_serving_s'])} | {f(m['event_to_first_response_s'])}"
