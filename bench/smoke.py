@@ -142,15 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{i}/{len(names)}] {name}...", flush=True)
         log = args.out / f"{name}.log"
         with log.open("w") as f:
-            rc = subprocess.run([sys.executable, *command(args.out)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run([sys.executable, *command(args.out)], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT).returncode
         try:
             if rc != 0:
-                raise AssertionError(f"exited {rc}; last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-15:]))
+                tail = "\n".join(log.read_text().splitlines()[-15:])
+                raise AssertionError(f"exited {rc}; last lines of {log}:\n{tail}")
             check(args.out)
             print(f"[{i}/{len(names)}] {name}: ok ({time.monotonic() - t:.0f}s)", flush=True)
         except (AssertionError, KeyError, ValueError) as e:
             failed.append(name)
-            print(f"[{i}/{len(names)}] {name}: FAILED ({time.monotonic() - t:.0f}s): {type(e).__name__}: {e}", flush=True)
+            print(f"[{i}/{len(names)}] {name}: FAILED ({time.monotonic() - t:.0f}s): {type(e).__name__}: {e}",
+                  flush=True)
     if failed:
         sys.exit(f"benchmark smoke run failed: {', '.join(failed)}")
     print(f"every benchmark ran; outputs in {args.out}")

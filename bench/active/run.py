@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rlhf_feedback.active import STRATEGIES, select  # noqa: E402
-from rlhf_jobs.preference_data import chitchat_conversations, minilm_dir  # noqa: E402
+from rlhf_jobs.preference_data import chitchat_conversations, pair_indices  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -55,49 +55,21 @@ torch.set_num_threads(1)
 def embed(texts: list[str], cache: Path, max_length: int, batch: int = 32) -> np.ndarray:
     import hashlib
 
-    from transformers import AutoModel, AutoTokenizer
-
     key = hashlib.sha256(("\x00".join(texts) + f"|{max_length}").encode()).hexdigest()[:16]
     path = cache / f"minilm-{key}.npy"
     if path.exists():
         return np.load(path)
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    model = AutoModel.from_pretrained(str(minilm_dir())).eval()
-    out = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            v = (h * m).sum(1) / m.sum(1)
-            out.append(torch.nn.functional.normalize(v, dim=-1).numpy())
-            if (i // batch) % 20 == 0:
-                print(f"  embedded {i + len(texts[i:i + batch])}/{len(texts)} ({time.perf_counter() - t0:.0f}s)",
-                      flush=True)
-    arr = np.concatenate(out).astype(np.float32)
+    from rlhf_devstack.simusers import Embedder  # the gold judge's embeddings: one implementation
+
+    arr = Embedder(max_length, batch)(texts, progress=True).numpy().astype(np.float32)
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
     return arr
 
 
 def make_pairs(convs, prompts: set[str], min_gap: float, max_per_prompt: int, rng: random.Random):
-    """(index of A, index of B, 1 if A is the better rated) over conversations on `prompts`;
-    sides are shuffled so the label is not always 1."""
-    by_prompt: dict[str, list[int]] = {}
-    for i, c in enumerate(convs):
-        if c.prompt in prompts:
-            by_prompt.setdefault(c.prompt, []).append(i)
-    out = []
-    for p in sorted(by_prompt):
-        ids = by_prompt[p]
-        cand = [(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]
-                if abs(convs[a].rating - convs[b].rating) >= min_gap]
-        rng.shuffle(cand)
-        for a, b in cand[:max_per_prompt]:
-            if rng.random() < 0.5:
-                a, b = b, a
-            out.append((a, b, 1.0 if convs[a].rating > convs[b].rating else 0.0))
+    """(indices of A, indices of B, 1 where A is the better rated) as arrays (`pair_indices`)."""
+    out = pair_indices(convs, prompts, min_gap, max_per_prompt, rng)
     return np.array([x[0] for x in out]), np.array([x[1] for x in out]), np.array([x[2] for x in out], np.float32)
 
 

@@ -35,32 +35,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+from rlhf_devstack.models import EVERYDAY_PROMPTS as PROMPTS, as_chat
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
-PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
-    "Give three tips for learning to code.", "What causes rain?", "Name a famous painter and one painting.",
-    "How do I boil an egg?", "Why is the sky blue?", "Suggest a name for a cat.", "What is 12 times 7?",
-    "Describe a sunset in one sentence.", "What does a compiler do?", "List three fruits that are red.",
-    "How far is the Moon?", "What is a prime number?", "Tell me a fun fact about owls.",
-    "How can I sleep better?", "What is the difference between weather and climate?",
-    "Recommend a book for a long train ride.", "How do vaccines work?", "Write a limerick about a dog.",
-    "What should I pack for a weekend hike?", "Explain what a database index is.", "Why do leaves change colour?",
-    "How do I make a cup of tea?", "What is gravity?", "Give me a short motivational quote.",
-    "What are the planets of the solar system?", "How do I say thank you in Spanish?",
-    "What is machine learning, in two sentences?", "Suggest a healthy breakfast.", "Why do cats purr?",
-]
 
 SETTINGS = {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 32, "lr": 1e-5, "beta": 0.05,
             "temperature": 1.0, "epochs": 1}
 
 
 def chat_prompts(tokenizer) -> list[str]:
-    if not getattr(tokenizer, "chat_template", None):
-        return list(PROMPTS)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in PROMPTS]
+    return as_chat(tokenizer, PROMPTS)
 
 
 def models(kind: str) -> tuple[Path, Path]:

@@ -23,19 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from rlhf_devstack.models import EVERYDAY_PROMPTS, as_chat
+
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
-    "Give three tips for learning to code.", "What causes rain?", "Name a famous painter and one painting.",
-    "How do I boil an egg?", "Why is the sky blue?", "Suggest a name for a cat.", "What is 12 times 7?",
-    "Describe a sunset in one sentence.", "What does a compiler do?", "List three fruits that are red.",
-    "How far is the Moon?", "What is a prime number?", "Tell me a fun fact about owls.",
-]
-
-
-def chat(tokenizer, text: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 LOGPROBS = (False, True)  # without, then with the sampled tokens' log-probs (rollouts need them)
@@ -128,7 +118,7 @@ def main() -> None:
 
     model_dir = export_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [chat(tok, p) for p in PROMPTS] * args.repeat_prompts
+    prompts = as_chat(tok, EVERYDAY_PROMPTS[:16]) * args.repeat_prompts
     if args.raw_only:
         print("RAW " + json.dumps(bench_raw(str(model_dir), prompts, args.max_tokens, args.rounds)), flush=True)
         return

@@ -46,6 +46,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rlhf_devstack.models import EVERYDAY_PROMPTS, as_chat
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
@@ -73,22 +75,15 @@ MODEL_NAMES = {"tiny": "tiny test model (Llama, 2 layers, float32)",
                "qwen0.5b": "Qwen2.5-0.5B shapes, random bf16 weights",
                "qwen1.5b": "Qwen2.5-1.5B shapes, random bf16 weights"}
 
-PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
-    "Give three tips for learning to code.", "What causes rain?", "Name a famous painter and one painting.",
-    "How do I boil an egg?", "Why is the sky blue?", "Suggest a name for a cat.", "What is 12 times 7?",
-    "Describe a sunset in one sentence.", "What does a compiler do?", "List three fruits that are red.",
-    "How far is the Moon?", "What is a prime number?", "Tell me a fun fact about owls.",
-]
 
-
-# -- models -------------------------------------------------------------------------------------
 
 def _millions(n: float) -> str:
     """Parameters in millions, without exponent notation: 0.462M, 135M, 1544M."""
     m = n / 1e6
     return f"{m:.3g}M" if m < 1000 else f"{m:.0f}M"
 
+
+# -- models -------------------------------------------------------------------------------------
 def build_qwen_shaped(name: str, out: Path) -> Path:
     """A Qwen2ForCausalLM with Qwen2.5's published shapes and seeded random bf16 weights, with
     SmolLM2's tokenizer (cached). The vocabulary keeps Qwen's 151,936 rows; the tokenizer knows
@@ -124,10 +119,6 @@ def model_dir(size: str) -> Path:
     if size == "smollm2":
         return export_smollm2(CACHE / "smollm2-135m-instruct")
     return build_qwen_shaped(size, CACHE / "bench-sync" / size)
-
-
-def chat(tok, text: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
 # -- one size, in its own process ---------------------------------------------------------------
@@ -270,7 +261,7 @@ def run_size(size: str, rounds: int, out: Path) -> None:
     serve_dtype = conf.get("dtype") or conf.get("torch_dtype") or "float32"
     tok = AutoTokenizer.from_pretrained(folder)
     pad = pad_id(tok)
-    prompts = [chat(tok, p) for p in PROMPTS]
+    prompts = as_chat(tok, EVERYDAY_PROMPTS[:16])
     n_params = None
     work = Path(tempfile.mkdtemp(prefix="sync-bench-"))
     spec = StackSpec(run_dir=work, policy_model=folder, reward_model=folder, services=("policy",),

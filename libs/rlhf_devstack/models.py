@@ -41,6 +41,31 @@ def tiny_prompts(n: int, seed: int = 1) -> list[str]:
     return [f"{rng.choice(heads)} the {rng.choice(_WORDS)} {rng.choice(_WORDS)}." for _ in range(n)]
 
 
+
+# Everyday requests for runs of real chat models (the benchmarks).
+EVERYDAY_PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+    "Give three tips for learning to code.", "What causes rain?", "Name a famous painter and one painting.",
+    "How do I boil an egg?", "Why is the sky blue?", "Suggest a name for a cat.", "What is 12 times 7?",
+    "Describe a sunset in one sentence.", "What does a compiler do?", "List three fruits that are red.",
+    "How far is the Moon?", "What is a prime number?", "Tell me a fun fact about owls.",
+    "How can I sleep better?", "What is the difference between weather and climate?",
+    "Recommend a book for a long train ride.", "How do vaccines work?", "Write a limerick about a dog.",
+    "What should I pack for a weekend hike?", "Explain what a database index is.", "Why do leaves change colour?",
+    "How do I make a cup of tea?", "What is gravity?", "Give me a short motivational quote.",
+    "What are the planets of the solar system?", "How do I say thank you in Spanish?",
+    "What is machine learning, in two sentences?", "Suggest a healthy breakfast.", "Why do cats purr?",
+]
+
+
+def as_chat(tokenizer, texts: list[str]) -> list[str]:
+    """Each text as a one-turn user message in the tokenizer's chat template (unchanged
+    when it has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(texts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                          add_generation_prompt=True) for t in texts]
+
 @dataclass(frozen=True)
 class TinyLlamaSpec:
     """Shape of the tiny policy. head_dim 64 is a size every vLLM CPU attention kernel supports."""

@@ -49,7 +49,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from rlhf.policy.v1 import policy_pb2, policy_pb2_grpc
-from rlhf_jobs.preference_data import RatedConversation, chitchat_conversations, minilm_dir
+from rlhf_jobs.preference_data import RatedConversation, chitchat_conversations, minilm_dir, pair_indices
 
 log = logging.getLogger(__name__)
 
@@ -146,29 +146,6 @@ def fit_bradley_terry(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tens
 
     opt.step(closure)
     return w.detach()
-
-
-def pair_indices(convs: Sequence[RatedConversation], prompts: set[str], min_gap: float, max_per_prompt: int,
-                 rng: random.Random) -> list[tuple[int, int, float]]:
-    """(index of A, index of B, 1.0 if A is the better rated else 0.0) for every same-prompt
-    pair of conversations on `prompts` whose ratings differ by at least `min_gap`, sampled down
-    to `max_per_prompt` per prompt (the rule of `preference_data.pairs_from_ratings`); the
-    sides are shuffled so that the label is not always 1."""
-    by_prompt: dict[str, list[int]] = {}
-    for i, c in enumerate(convs):
-        if c.prompt in prompts:
-            by_prompt.setdefault(c.prompt, []).append(i)
-    out = []
-    for p in sorted(by_prompt):
-        ids = by_prompt[p]
-        cand = [(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]
-                if abs(convs[a].rating - convs[b].rating) >= min_gap]
-        rng.shuffle(cand)
-        for a, b in cand[:max_per_prompt]:
-            if rng.random() < 0.5:
-                a, b = b, a
-            out.append((a, b, 1.0 if convs[a].rating > convs[b].rating else 0.0))
-    return out
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from rlhf_common.jsonl import read_jsonl
 
@@ -92,6 +93,29 @@ def pairs_from_ratings(convs: list[RatedConversation], min_gap: float, max_per_p
         for a, b in cand[:max_per_prompt]:
             hi, lo = (a, b) if a.rating > b.rating else (b, a)
             out.append(PreferencePair(prompt, hi.text, lo.text, hi.rating - lo.rating))
+    return out
+
+
+def pair_indices(convs: Sequence[RatedConversation], prompts: set[str], min_gap: float, max_per_prompt: int,
+                 rng: random.Random) -> list[tuple[int, int, float]]:
+    """(index of A, index of B, 1.0 if A is the better rated else 0.0) for every same-prompt
+    pair of conversations on `prompts` whose ratings differ by at least `min_gap`, sampled down
+    to `max_per_prompt` per prompt (the rule of `pairs_from_ratings`); the sides are
+    shuffled so that the label is not always 1. For models that work on indices (embeddings)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, c in enumerate(convs):
+        if c.prompt in prompts:
+            by_prompt.setdefault(c.prompt, []).append(i)
+    out = []
+    for p in sorted(by_prompt):
+        ids = by_prompt[p]
+        cand = [(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]
+                if abs(convs[a].rating - convs[b].rating) >= min_gap]
+        rng.shuffle(cand)
+        for a, b in cand[:max_per_prompt]:
+            if rng.random() < 0.5:
+                a, b = b, a
+            out.append((a, b, 1.0 if convs[a].rating > convs[b].rating else 0.0))
     return out
 
 

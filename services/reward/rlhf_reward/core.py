@@ -323,8 +323,9 @@ class RewardCore:
     `max_request_tokens`. Requests then queue on the event loop; when one of the
     `model_workers` model threads is free, the batching task takes every request that
     arrives within `max_wait_s` of the oldest one, up to `max_batch_size` items (a request
-    is never split across batches), and scores them on that thread. Each batch reads the live model once, so every response comes
-    from one version. A request whose caller has gone away is dropped before its forward pass.
+    is never split across batches), and scores them on that thread. Each batch reads the
+    live model once, so every response comes from one version. A request whose caller has
+    gone away is dropped before its forward pass.
     """
 
     def __init__(self, model: RewardModel, metrics: RewardMetrics | None = None, *, max_batch_items: int = 256,
