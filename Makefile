@@ -15,7 +15,7 @@ POLICY_EXTRA := $(if $(filter gpu,$(VARIANT)),policy-gpu,policy)
 
 .PHONY: install proto test test-unit test-integration test-e2e demo up seed down clean docs \
 	bench-policy bench-reward train-reward bench-active browser-deps test-faults reliability \
-	bench-loop bench-loop-tiny bench-scaling bench-feedback bench-sync bench-smoke
+	bench-loop bench-loop-tiny bench-scaling bench-feedback bench-sync bench-smoke demo-smoke
 
 install: $(STAMP) proto
 
@@ -92,8 +92,15 @@ train-reward: install
 	  --metrics-json bench/reward/chitchat_minilm_metrics.json --max-train-pairs 1600 --max-held-out-pairs 800 \
 	  --threads 2
 
-demo: install
-	$(PY) -m rlhf_devstack.demo
+# SmolLM2 aligned online with simulated users, 20 minutes; the report lands in runs/demo-<time>/.
+demo: install $(VENV)/.smollm2 $(VENV)/.helm
+	$(PY) -m rlhf_devstack.demo $(DEMO_ARGS)
+
+# The same on the tiny models, about 4 minutes; then the report is checked (CI).
+demo-smoke: install $(VENV)/.helm
+	rm -rf .run/demo-smoke
+	$(PY) -m rlhf_devstack.demo --tiny --run-dir .run/demo-smoke
+	$(PY) -m rlhf_devstack.demo_report .run/demo-smoke --check
 
 up: install
 	$(PY) -m rlhf_devstack.stack up --run-dir $(RUN_DIR)

@@ -401,7 +401,7 @@ def interval(obj: object, digits: int = 3) -> str:
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~&])")
-LINE_START_SPECIAL = re.compile(r"^(\s*)([-+=]|\d+[.)])", re.MULTILINE)
+LINE_START_SPECIAL = re.compile(r"^(\s*)([-+=]|\d+[.)])(?=\s|$)", re.MULTILINE)
 
 
 def escape(text: object) -> str:
@@ -456,8 +456,8 @@ def headline(summary: dict, timeline: Timeline) -> str:
             verdict = "worse than an even split"
         else:
             verdict = "not distinguishable from an even split"
-        sentences.append(f"Judged by the gold judge on {fmt_value(get(win, 'n'))} held-out prompts, the final "
-                         f"policy's win rate against the SFT policy is {fmt(rate, 2)} (95% interval {fmt(low, 2)} "
+        sentences.append(f"Judged by the gold judge on {fmt_value(get(win, 'n'))} answers to held-out prompts "
+                         f"(paired by prompt and seed), the final policy's win rate against the SFT policy is {fmt(rate, 2)} (95% interval {fmt(low, 2)} "
                          f"to {fmt(high, 2)}; {fmt_value(get(win, 'wins'))} wins, {fmt_value(get(win, 'ties'))} "
                          f"ties): {verdict}.")
     else:

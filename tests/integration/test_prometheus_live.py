@@ -3,15 +3,14 @@
 A small stack (broker, reward with a shadow model, reference, trainer, policy through vLLM)
 runs a few training steps while Debian's `prometheus` scrapes every service's metrics port
 each second and evaluates the chart's PrometheusRule (rendered by Helm's engine). The
-config and rules come from scripts/prometheus_local.py, the same script that points
-Prometheus at a `make up` stack. Then Prometheus' HTTP API must show: every target up,
+config and rules come from rlhf_devstack.prometheus, which also points Prometheus at a
+`make up` stack (scripts/prometheus_local.py) and at `make demo`'s. Then Prometheus' HTTP API must show: every target up,
 every rule loaded and evaluated without error, every series that an alert or a dashboard
 panel names present with the labels it is matched on, and the panels' queries returning
 live values (reward, KL, throughput, weight sync)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -23,10 +22,11 @@ import httpx
 import pytest
 
 from rlhf.policy.v1 import policy_pb2
+from rlhf_devstack import prometheus as prom_local
 from rlhf_devstack.models import tiny_prompts
 from rlhf_devstack.stack import Stack, StackSpec, free_port, seed_prompts
 
-from tests.helm_helpers import ROOT, dashboard_queries, selectors
+from tests.helm_helpers import dashboard_queries, selectors
 from tests.helpers import run_until_steps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,13 +58,6 @@ QUIET_ALERTS = {
 QUIET_PANEL_METRICS = set(ABSENT)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("prometheus_local", ROOT / "scripts" / "prometheus_local.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class Prom:
     def __init__(self, port: int):
         self.base = f"http://127.0.0.1:{port}/api/v1/"
@@ -84,7 +77,6 @@ class Prom:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    prom_local = _script()
     run_dir = tmp_path_factory.mktemp("stack")
     spec = StackSpec(run_dir=run_dir, services=STARTED, rollout_n=GROUP, max_tokens=8, groups_per_step=1,
                      max_groups_ahead=2)

@@ -99,7 +99,7 @@ def test_report_from_a_run_folder(tmp_path):
     # the headline's numbers
     assert "rose over 4 minutes of online training from -0.412 [-0.500, -0.324] before to 0.137 [0.051, 0.223]" in text
     assert "the intervals do not overlap" in text
-    assert "on 100 held-out prompts, the final policy's win rate against the SFT policy is 0.64 (95% interval 0.55 " \
+    assert "on 100 answers to held-out prompts (paired by prompt and seed), the final policy's win rate against the SFT policy is 0.64 (95% interval 0.55 " \
            "to 0.72; 60 wins, 8 ties): better than an even split." in text
     assert "The final KL to the reference is 0.042 nats per token" in text
     assert "grew over the run, from 0.00 to 0.90 SD" in text
