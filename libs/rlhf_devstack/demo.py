@@ -7,8 +7,8 @@
 Stages, each with a progress bar:
 0. The gold judge: the simulated users' hidden taste (`simusers.py`), trained once and cached.
 1. SFT: the model is fine-tuned on the best-rated human answers of chitchat-dataset.
-2. Reward model: MiniLM learns from a small set of human preference pairs. This is the
-   system's own reward model, the proxy.
+2. Reward model: MiniLM learns from a small set of human preference pairs (400 pairs of
+   rated conversations). This is the system's own reward model, the proxy.
 3. Online: every service runs (the policy on vLLM, reward, reference, trainer, feedback,
    reward learner), with Prometheus scraping them. Simulated users ask the policy and rate
    its answers through the feedback API. The reward learner keeps training the proxy on
@@ -71,20 +71,21 @@ class DemoSettings:
     lora_rank: int = 0
     label_step_every: int = 4  # one DPO step on users' pairs after every N GRPO steps
     users: int = 2
+    think_s: float = 4.0  # each user's mean pause between interactions
     feedback_share: float = 0.8
     feedback_mix: dict = field(default_factory=lambda: {"thumbs": 0.4, "rating": 0.3, "pairwise": 0.3})
     reward_round_labels: int = 48  # the reward learner trains a round per this many new labels
     sft_demos: int = 400
     sft_lr: float = 1e-5
-    rm_pairs: int = 240
+    rm_pairs: int = 400
     gold_conversations: int = 0  # 0 = all of chitchat-dataset
-    reserve_s: float = 90.0  # kept at the end for the final evaluation and the report
+    reserve_s: float = 120.0  # kept at the end for the final evaluation and the report
 
     @classmethod
     def tiny(cls, **kw) -> "DemoSettings":
         """The tiny models at the smallest sizes that still exercise every stage (CI)."""
         base = dict(model="tiny", minutes=4.0, eval_prompts=4, eval_samples=2, eval_every_s=25.0, max_tokens=12,
-                    lr=1e-4, label_step_every=2, users=2, reward_round_labels=16, sft_demos=48, sft_lr=1e-4,
+                    lr=1e-4, label_step_every=2, users=2, think_s=0.5, reward_round_labels=16, sft_demos=48, sft_lr=1e-4,
                     rm_pairs=48, gold_conversations=300, reserve_s=45.0)
         return cls(**{**base, **kw})
 
@@ -130,21 +131,22 @@ def sft_rows(s: DemoSettings, prompts: Prompts, render) -> list[dict]:
 
 
 def rm_rows(s: DemoSettings, render) -> list[dict]:
-    """The reward model's small starting set: pairs of first utterances from conversations on
-    the same users' prompt whose ratings differ by at least 3, the better rated one chosen."""
+    """The reward model's small starting set: pairs of conversations on the same users' prompt
+    whose ratings differ by at least 3, the better rated one chosen (transcripts cut to 600
+    characters; the model reads 128 tokens)."""
     from rlhf_jobs.preference_data import chitchat_conversations
 
     train = set(chitchat_prompts(s).train)
     by_prompt: dict[str, list[tuple[float, str]]] = {}
     for c in chitchat_conversations():
-        if c.prompt in train and (text := first_answer(c.text)):
-            by_prompt.setdefault(c.prompt, []).append((c.rating, text))
+        if c.prompt in train:
+            by_prompt.setdefault(c.prompt, []).append((c.rating, c.text[:600]))
     rng = random.Random(s.seed + 1)
     per_prompt = max(1, math.ceil(s.rm_pairs / max(1, len(by_prompt))))
     rows = []
     for p in sorted(by_prompt):
         xs = by_prompt[p]
-        cand = [(a, b) for i, a in enumerate(xs) for b in xs[i + 1:] if abs(a[0] - b[0]) >= 3]
+        cand = [(a, b) for i, a in enumerate(xs) for b in xs[i + 1:] if abs(a[0] - b[0]) >= 3 and a[1] != b[1]]
         for a, b in rng.sample(cand, min(per_prompt, len(cand))):
             hi, lo = (a, b) if a[0] > b[0] else (b, a)
             rows.append({"prompt": render(p), "chosen": hi[1], "rejected": lo[1], "gap": hi[0] - lo[0]})
@@ -225,7 +227,7 @@ def stage_reward_model(s: DemoSettings, render) -> tuple[Path, dict]:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         train(TrainArgs(data=str(data), backbone="minilm", out=str(tmp), metrics_json=str(tmp / "metrics.json"),
-                        epochs=2, max_length=128, seed=s.seed))
+                        epochs=1, max_length=128, seed=s.seed))
         tmp.rename(out)
     m = json.loads((out / "metrics.json").read_text())
     return out, {"pairs": m["train"]["pairs"], "held_out_pairs": m["held_out"]["pairs"],
@@ -388,6 +390,9 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
     from .prometheus import LocalPrometheus
     from .simusers import Calibration, SimulatedUsers, win_rate
 
+    import torch
+
+    torch.set_num_threads(1)  # the judge, in this process: the cores belong to the services now
     say(f"starting Kafka, the six services and Prometheus (logs in {run_dir}/*.log; vLLM takes a minute or two "
         f"on CPU)...")
     t_up = time.monotonic()
@@ -426,7 +431,7 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
                                prompts.train, judge, calibration, mix=s.feedback_mix, feedback_share=s.feedback_share,
                                seed=s.seed, max_tokens=s.max_tokens, chat=svc.chat)
         stop = threading.Event()
-        users_thread = threading.Thread(target=users.run, kwargs={"users": s.users, "stop": stop}, daemon=True)
+        users_thread = threading.Thread(target=users.run, kwargs={"users": s.users, "stop": stop, "think_s": s.think_s}, daemon=True)
         users_thread.start()
 
         end = deadline - s.reserve_s
@@ -513,14 +518,15 @@ def add_throughput(prom, timeline: Timeline) -> None:
     end = time.time()
     start = end - timeline.t()
     try:
-        series = prom.query_range("sum by (kind) (rate(rlhf_policy_generated_tokens_total[30s]))", start, end, 10)
+        series = prom.query_range("sum by (kind) (rate(rlhf_policy_generated_tokens_total[1m]))", start, end, 10)
     except (OSError, RuntimeError) as e:
         print(f"Prometheus query failed: {e}", flush=True)
         return
     points: dict[float, dict[str, float]] = {}
     for ser in series:
         for ts, v in ser.points:
-            points.setdefault(ts, {})[ser.labels.get("kind", "all")] = v
+            kind = ser.labels.get("kind", "all")
+            points.setdefault(ts, {})[{"api": "serve"}.get(kind, kind)] = v  # api: answers to users
     for ts in sorted(points):
         timeline.add({"kind": "throughput", "t": round(ts - start, 1), "tokens_per_s": points[ts]})
 
@@ -571,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     t_start = time.monotonic()
     deadline = t_start + s.minutes * 60
-    summary: dict = {"model": s.model, "minutes": s.minutes, "machine": machine(),
+    names = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "the tiny test model"}
+    summary: dict = {"model": names.get(s.model, s.model), "minutes": s.minutes, "machine": machine(),
                      "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "settings": asdict(s), "stages": {}, "notes": [], "prometheus": ""}
 

@@ -634,12 +634,16 @@ class SimulatedUsers:
     # -- the run
 
     def run(self, users: int = 4, interactions: int | None = None, seconds: float | None = None,
-            stop: threading.Event | None = None) -> Report:
+            stop: threading.Event | None = None, think_s: float = 0.0) -> Report:
         """Run `users` threads until `interactions` interactions are done, `seconds` have
         passed or `stop` is set (at least one limit is needed); returns the report (which
-        keeps growing over repeated runs)."""
+        keeps growing over repeated runs). Each user waits a random time (exponential, mean
+        `think_s`) after each interaction, as people read before they ask again; 0 asks back
+        to back, the most load the users can put on the policy."""
         if interactions is None and seconds is None and stop is None:
             raise ValueError("give interactions, seconds or stop: a run needs an end")
+        if not (math.isfinite(think_s) and think_s >= 0):
+            raise ValueError(f"think_s={think_s}: must be >= 0")
         stop = stop or threading.Event()
         self._t0 = self._t0 or time.monotonic()
         start = time.monotonic()
@@ -650,10 +654,13 @@ class SimulatedUsers:
         errors: list[BaseException] = []
 
         def user(i: int) -> None:
+            pause = random.Random(f"{self.seed}:think:{i}")
             try:
                 with httpx.Client() as http:
                     while (number := self._take(limit, deadline, stop)) is not None:
                         self.interact(number, stub, http)
+                        if think_s and stop.wait(pause.expovariate(1 / think_s)):
+                            break
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
                 stop.set()
