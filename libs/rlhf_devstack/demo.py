@@ -75,6 +75,7 @@ class DemoSettings:
     feedback_share: float = 0.8
     feedback_mix: dict = field(default_factory=lambda: {"thumbs": 0.4, "rating": 0.3, "pairwise": 0.3})
     reward_round_labels: int = 48  # the reward learner trains a round per this many new labels
+    reward_lr: float = 2e-4  # the reward learner's learning rate (its service default)
     sft_demos: int = 400
     sft_lr: float = 1e-5
     rm_pairs: int = 400
@@ -85,7 +86,7 @@ class DemoSettings:
     def tiny(cls, **kw) -> "DemoSettings":
         """The tiny models at the smallest sizes that still exercise every stage (CI)."""
         base = dict(model="tiny", minutes=4.0, eval_prompts=4, eval_samples=2, eval_every_s=25.0, max_tokens=12,
-                    lr=1e-4, label_step_every=2, users=2, think_s=0.5, reward_round_labels=16, sft_demos=48, sft_lr=1e-4,
+                    lr=1e-4, label_step_every=2, users=2, think_s=0.5, reward_round_labels=16, reward_lr=1e-5, sft_demos=48, sft_lr=1e-4,
                     rm_pairs=48, gold_conversations=300, reserve_s=45.0)
         return cls(**{**base, **kw})
 
@@ -381,7 +382,7 @@ def stack_spec(s: DemoSettings, run_dir: Path, sft: Path, rm: Path) -> StackSpec
                         "RLHF_TRAINER_SEED": str(s.seed)},
             "reward_learner": {"RLHF_REWARD_LEARNER_TRAIN_EVERY_LABELS": str(s.reward_round_labels),
                                "RLHF_REWARD_LEARNER_TRAIN_EVERY_S": "60", "RLHF_REWARD_LEARNER_MIN_HELDOUT_PAIRS": "8",
-                               "RLHF_REWARD_LEARNER_MAX_LENGTH": "128"},
+                               "RLHF_REWARD_LEARNER_MAX_LENGTH": "128", "RLHF_REWARD_LEARNER_LR": str(s.reward_lr)},
         })
 
 
@@ -562,15 +563,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-dir", type=Path, default=None, help="where logs, timeline and report go "
                                                                "(default runs/demo-<time>)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="any other field of DemoSettings, e.g. --set think_s=8 --set eval_every_s=180")
     args = ap.parse_args(argv)
     s = DemoSettings.tiny() if args.tiny else DemoSettings()
     overrides = {k: v for k, v in {"model": args.model, "minutes": args.minutes, "lora_rank": args.lora_rank,
                                    "lr": args.lr, "seed": args.seed}.items() if v is not None}
     s = replace(s, **overrides)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        default = getattr(s, name, None)
+        if name not in DemoSettings.__dataclass_fields__ or isinstance(default, dict) or not value:
+            ap.error(f"--set {item}: not NAME=VALUE with NAME one of "
+                     f"{', '.join(k for k, v in asdict(s).items() if not isinstance(v, dict))}")
+        try:
+            s = replace(s, **{name: type(default)(value)})
+        except ValueError:
+            ap.error(f"--set {item}: {value!r} is not a {type(default).__name__}")
     if s.minutes * 60 < s.reserve_s + 120:
         ap.error(f"--minutes={s.minutes}: too short, the run needs at least {(s.reserve_s + 120) / 60:.1f}")
     if s.lora_rank < 0 or s.lr <= 0:
         ap.error(f"--lora-rank={s.lora_rank} must be >= 0 and --lr={s.lr} > 0")
+    for name, ok, rule in [("users", s.users >= 1, ">= 1"), ("think_s", s.think_s >= 0, ">= 0"),
+                           ("eval_every_s", s.eval_every_s > 0, "> 0"), ("eval_samples", s.eval_samples >= 1, ">= 1"),
+                           ("eval_prompts", 2 <= s.eval_prompts <= 24, "within [2, 24] (of 34 chitchat prompts)"),
+                           ("feedback_share", 0 <= s.feedback_share <= 1, "within [0, 1]")]:
+        if not ok:
+            ap.error(f"{name}={getattr(s, name)}: must be {rule}")
     run_dir = args.run_dir or Path("runs") / f"demo-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("weights", "feedback", "prometheus"):  # the broker's topics are new each run
