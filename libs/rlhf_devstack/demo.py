@@ -84,10 +84,15 @@ class DemoSettings:
 
     @classmethod
     def tiny(cls, **kw) -> "DemoSettings":
-        """The tiny models at the smallest sizes that still exercise every stage (CI)."""
+        """The tiny models at the smallest sizes that still exercise every stage (CI). The tiny
+        policy writes made-up words, so the users' labels carry little signal, and a gate over
+        8-20 held-out pairs refuses or passes a real round by chance. The reward learner's
+        learning rate is therefore so small that a candidate ranks the held-out pairs as the
+        live model does: the smoke run checks the path a version takes (round, gate, publish,
+        hot swap), and the SmolLM2 run is where the reward model learns."""
         base = dict(model="tiny", minutes=4.0, eval_prompts=4, eval_samples=2, eval_every_s=25.0, max_tokens=12,
-                    lr=1e-4, label_step_every=2, users=2, think_s=0.5, reward_round_labels=16, reward_lr=1e-5, sft_demos=48, sft_lr=1e-4,
-                    rm_pairs=48, gold_conversations=300, reserve_s=45.0)
+                    lr=1e-4, label_step_every=2, users=2, think_s=0.5, reward_round_labels=16, reward_lr=1e-7,
+                    sft_demos=48, sft_lr=1e-4, rm_pairs=48, gold_conversations=300, reserve_s=45.0)
         return cls(**{**base, **kw})
 
 
@@ -379,8 +384,11 @@ def stack_spec(s: DemoSettings, run_dir: Path, sft: Path, rm: Path) -> StackSpec
         service_env={
             "trainer": {"RLHF_TRAINER_LEARN_FROM": "both", "RLHF_TRAINER_LABEL_STEP_EVERY": str(s.label_step_every),
                         "RLHF_TRAINER_PREFERENCE_BATCH": "8", "RLHF_TRAINER_CHECKPOINT_EVERY": "100",
+                        # A full SmolLM2 version is 540 MB in float32, a training state three times that.
+                        "RLHF_TRAINER_KEEP_VERSIONS": "3", "RLHF_TRAINER_KEEP_CHECKPOINTS": "1",
                         "RLHF_TRAINER_SEED": str(s.seed)},
             "reward_learner": {"RLHF_REWARD_LEARNER_TRAIN_EVERY_LABELS": str(s.reward_round_labels),
+                               "RLHF_REWARD_LEARNER_KEEP_VERSIONS": "3",
                                "RLHF_REWARD_LEARNER_TRAIN_EVERY_S": "60", "RLHF_REWARD_LEARNER_MIN_HELDOUT_PAIRS": "8",
                                "RLHF_REWARD_LEARNER_MAX_LENGTH": "128", "RLHF_REWARD_LEARNER_LR": str(s.reward_lr)},
         })
@@ -404,7 +412,7 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
             prom = LocalPrometheus(st.metrics_ports, run_dir / "prometheus", port=free_port(), interval="5s").start()
             summary["prometheus"] = prom.url
             say(f"Prometheus scrapes every service: open {prom.url} (Graph; try "
-                f"rate(rlhf_policy_generated_tokens_total[30s]) or rlhf_trainer_reward_mean)")
+                f"rate(rlhf_policy_generated_tokens_total[1m]) or rlhf_trainer_reward_mean)")
         except (FileNotFoundError, RuntimeError, TimeoutError, ImportError) as e:
             summary["notes"].append(f"Prometheus did not start: {e}")
             say(f"Prometheus did not start ({e}); the run goes on without it")
@@ -432,7 +440,8 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
                                prompts.train, judge, calibration, mix=s.feedback_mix, feedback_share=s.feedback_share,
                                seed=s.seed, max_tokens=s.max_tokens, chat=svc.chat)
         stop = threading.Event()
-        users_thread = threading.Thread(target=users.run, kwargs={"users": s.users, "stop": stop, "think_s": s.think_s}, daemon=True)
+        users_thread = threading.Thread(target=users.run, daemon=True,
+                                        kwargs={"users": s.users, "stop": stop, "think_s": s.think_s})
         users_thread.start()
 
         end = deadline - s.reserve_s
@@ -650,7 +659,9 @@ def main(argv: list[str] | None = None) -> None:
         f"[{wr['low']:.2f}, {wr['high']:.2f}]; KL {summary['kl_final']:.4f}; proxy-gold gap "
         f"{summary['gap_sd']:+.2f} sd; policy v{summary['versions']['policy']}, reward model "
         f"v{summary['versions']['reward']}")
-    say(f"report: {report} ({summary['seconds_total'] / 60:.1f} minutes in all)")
+    size = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()) / 1e9
+    say(f"report: {report} ({summary['seconds_total'] / 60:.1f} minutes in all; the run folder holds {size:.1f} GB, "
+        f"most of it the last weight versions in {run_dir / 'weights'})")
 
 
 if __name__ == "__main__":

@@ -457,7 +457,8 @@ def headline(summary: dict, timeline: Timeline) -> str:
         else:
             verdict = "not distinguishable from an even split"
         sentences.append(f"Judged by the gold judge on {fmt_value(get(win, 'n'))} answers to held-out prompts "
-                         f"(paired by prompt and seed), the final policy's win rate against the SFT policy is {fmt(rate, 2)} (95% interval {fmt(low, 2)} "
+                         f"(paired by prompt and seed), the final policy's win rate against the SFT policy is "
+                         f"{fmt(rate, 2)} (95% interval {fmt(low, 2)} "
                          f"to {fmt(high, 2)}; {fmt_value(get(win, 'wins'))} wins, {fmt_value(get(win, 'ties'))} "
                          f"ties): {verdict}.")
     else:
