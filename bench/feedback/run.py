@@ -61,6 +61,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_devstack.host import cpu_name, mem_gib
+
 HERE = Path(__file__).resolve().parent
 MIX = (("thumb", 0.55), ("rating", 0.30), ("pairwise", 0.15))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -93,14 +95,7 @@ def machine_busy() -> tuple[float, float]:
 
 
 def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "mem_gib": round(mem / 2 ** 20, 1),
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "mem_gib": mem_gib(),
             "python": platform.python_version(), "platform": platform.platform()}
 
 

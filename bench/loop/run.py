@@ -35,6 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from rlhf_devstack.host import cpu_name
 from rlhf_devstack.models import EVERYDAY_PROMPTS as PROMPTS, as_chat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -309,13 +310,7 @@ def plot(sides: dict[str, list[dict]], path: Path, title: str) -> None:
 
 def machine() -> str:
     """Architecture, cores and CPU model (from /proc/cpuinfo where there is one)."""
-    name = platform.processor() or "cpu"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}"
 
 
 def versions() -> dict:

@@ -44,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rlhf_devstack.host import cpu_name
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -283,15 +285,7 @@ class Service:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 

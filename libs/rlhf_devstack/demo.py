@@ -8,7 +8,7 @@ Stages, each with a progress bar:
 0. The gold judge: the simulated users' hidden taste (`simusers.py`), trained once and cached.
 1. SFT: the model is fine-tuned on the best-rated human answers of chitchat-dataset.
 2. Reward model: MiniLM learns from a small set of human preference pairs (400 pairs of
-   rated conversations). This is the system's own reward model, the proxy.
+   rated conversations, 85 of them held out). This is the system's own reward model, the proxy.
 3. Online: every service runs (the policy on vLLM, reward, reference, trainer, feedback,
    reward learner), with Prometheus scraping them. Simulated users ask the policy and rate
    its answers through the feedback API. The reward learner keeps training the proxy on
@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -48,6 +47,8 @@ from rlhf.reference.v1 import reference_pb2, reference_pb2_grpc
 from rlhf.reward.v1 import reward_pb2, reward_pb2_grpc
 from rlhf.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
+from .host import cpu_name
+from .simusers import generate_request
 from .stack import Stack, StackSpec, free_port, seed_prompts
 
 CACHE = Path(".cache/demo")
@@ -170,6 +171,19 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def build_once(out: Path, rows: list[dict], metrics: str, build) -> dict:
+    """The metrics of the model folder `out`; built first, from `rows` written as JSONL, by
+    build(data, folder) into a temporary folder that is renamed when done (so an interrupted
+    build is never taken for a cached one)."""
+    if not (out / metrics).exists():
+        data = write_jsonl(out.with_name(out.name + ".jsonl"), rows)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(data, tmp)
+        tmp.rename(out)
+    return json.loads((out / metrics).read_text())
+
+
 # ---------------------------------------------------------------- stages 0-2
 
 
@@ -182,8 +196,7 @@ def stage_gold(s: DemoSettings):
 
     settings = GoldSettings(conversations=s.gold_conversations, seed=s.seed)
     folder = CACHE / ("gold" if not s.gold_conversations else f"gold-{s.gold_conversations}-{s.seed}")
-    judge = load_or_train(folder, settings)
-    return judge
+    return load_or_train(folder, settings)
 
 
 def base_model(s: DemoSettings) -> Path:
@@ -212,14 +225,9 @@ def stage_sft(s: DemoSettings, base: Path, prompts: Prompts, render) -> tuple[Pa
 
     rows = tiny_demos(s, prompts) if s.model == "tiny" else sft_rows(s, prompts, render)
     out = CACHE / f"sft-{cache_key(str(base.resolve()), rows, s.sft_lr, s.seed)}"
-    if not (out / "train_metrics.json").exists():
-        data = write_jsonl(out.with_name(out.name + ".jsonl"), rows)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        offline.main(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp), "--lr", str(s.sft_lr),
-                      "--batch-size", "8", "--max-length", "128", "--seed", str(s.seed)])
-        tmp.rename(out)
-    m = json.loads((out / "train_metrics.json").read_text())
+    m = build_once(out, rows, "train_metrics.json", lambda data, tmp: offline.main(
+        ["sft", "--model", str(base), "--data", str(data), "--out", str(tmp), "--lr", str(s.sft_lr),
+         "--batch-size", "8", "--max-length", "128", "--seed", str(s.seed)]))
     return out, {"rows": m["rows"], "first_loss": round(m["first_loss"], 4), "last_loss": round(m["last_loss"], 4)}
 
 
@@ -228,14 +236,9 @@ def stage_reward_model(s: DemoSettings, render) -> tuple[Path, dict]:
 
     rows = rm_rows(s, render)
     out = CACHE / f"rm-{cache_key(rows, s.seed)}"
-    if not (out / "metrics.json").exists():
-        data = write_jsonl(out.with_name(out.name + ".jsonl"), rows)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        train(TrainArgs(data=str(data), backbone="minilm", out=str(tmp), metrics_json=str(tmp / "metrics.json"),
-                        epochs=1, max_length=128, seed=s.seed))
-        tmp.rename(out)
-    m = json.loads((out / "metrics.json").read_text())
+    m = build_once(out, rows, "metrics.json", lambda data, tmp: train(TrainArgs(
+        data=str(data), backbone="minilm", out=str(tmp), metrics_json=str(tmp / "metrics.json"), epochs=1,
+        max_length=128, seed=s.seed)))
     return out, {"pairs": m["train"]["pairs"], "held_out_pairs": m["held_out"]["pairs"],
                  "held_out_accuracy": round(m["held_out"]["pairwise_accuracy"], 4)}
 
@@ -282,20 +285,22 @@ class Services:
         joined = sum(int(c.count) for c in r.counts if c.outcome == "joined")
         return accepted, joined
 
-    def answer(self, prompt: str, n: int, max_tokens: int, seed: int) -> policy_pb2.GenerateResponse:
-        sampling = policy_pb2.SamplingParams(temperature=1.0, max_tokens=max_tokens, n=n, seed=seed, has_seed=True,
-                                             logprobs=True)
-        req = (policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="user", content=prompt)],
-                                          sampling=sampling) if self.chat
-               else policy_pb2.GenerateRequest(prompt=prompt, sampling=sampling))
-        return self.policy.Generate(req, timeout=300)
+    def sample(self, t: float, interactions: int) -> dict:
+        """A `sample` timeline record: the versions in service and the feedback so far."""
+        accepted, joined = self.feedback_counts()
+        return {"kind": "sample", "t": t,
+                "policy_version": self.policy.GetVersion(policy_pb2.GetVersionRequest(), timeout=30).version,
+                "trainer_version": self.trainer.Status(trainer_pb2.StatusRequest(), timeout=30).version,
+                "reward_version": self.reward_version(), "feedback": accepted, "labels": joined,
+                "interactions": interactions}
 
     def evaluate(self, prompts: list[str], samples: int, max_tokens: int, judge, seed: int) -> list[Scored]:
         """`samples` answers (temperature 1) per prompt from the served policy, each scored by the
         gold judge, the proxy, and its KL to the reference."""
         got = []
         for i, p in enumerate(prompts):
-            r = self.answer(p, samples, max_tokens, seed + i)
+            req = generate_request(p, samples, max_tokens, 1.0, seed + i, self.chat, logprobs=True)
+            r = self.policy.Generate(req, timeout=300)
             got.extend((p, r, c) for c in r.completions)
         items = [reference_pb2.LogProbsItem(prompt_token_ids=r.prompt_token_ids, response_token_ids=c.token_ids)
                  for _, r, c in got]
@@ -397,7 +402,7 @@ def stack_spec(s: DemoSettings, run_dir: Path, sft: Path, rm: Path) -> StackSpec
 def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: Prompts, render,
            deadline: float, summary: dict) -> None:
     from .prometheus import LocalPrometheus
-    from .simusers import Calibration, SimulatedUsers, win_rate
+    from .simusers import SimulatedUsers, calibrate, win_rate
 
     import torch
 
@@ -421,8 +426,8 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
 
         # The SFT policy before any online step: the users' calibration and the baseline.
         t_cal = time.monotonic()
-        cal_answers = svc.evaluate(prompts.train[:12], 2, s.max_tokens, judge, seed=10_000)
-        calibration = Calibration.from_scores([x.gold for x in cal_answers])
+        calibration = calibrate(svc.policy, prompts.train[:12], judge, samples=2, max_tokens=s.max_tokens,
+                                seed=10_000, chat=svc.chat)
         before = svc.evaluate(prompts.held_out, 2 * s.eval_samples, s.max_tokens, judge, seed=20_000)
         summary["stages"]["baseline"] = {"seconds": round(time.monotonic() - t_cal, 1), "answers": len(before)}
 
@@ -464,10 +469,7 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
             if seeded - status.groups_consumed < 16:  # keep the prompt stream ahead of the trainer
                 seeded += len(seed_prompts(st.bus, [rng.choice(rendered) for _ in range(32)], source="demo"))
             if time.monotonic() >= next_sample:
-                accepted, joined = svc.feedback_counts()
-                timeline.add({"kind": "sample", "t": timeline.t(), "policy_version": served,
-                              "trainer_version": status.version, "reward_version": svc.reward_version(),
-                              "feedback": accepted, "labels": joined, "interactions": users.report.interactions})
+                timeline.add(svc.sample(timeline.t(), users.report.interactions))
                 next_sample = time.monotonic() + 5
             if time.monotonic() >= next_eval:
                 rv = svc.reward_version()
@@ -490,11 +492,7 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
         after = svc.evaluate(prompts.held_out, 2 * s.eval_samples, s.max_tokens, judge, seed=20_000)
         last = timeline.add(eval_record(after, before, svc.proxy([(x.prompt, x.text) for x in before]),
                                         svc.reward_version(), timeline.t(), "after"))
-        accepted, joined = svc.feedback_counts()
-        timeline.add({"kind": "sample", "t": timeline.t(), "policy_version": last["policy_version"],
-                      "trainer_version": svc.trainer.Status(trainer_pb2.StatusRequest()).version,
-                      "reward_version": svc.reward_version(), "feedback": accepted, "labels": joined,
-                      "interactions": users.report.interactions})
+        final = timeline.add(svc.sample(timeline.t(), users.report.interactions))
         wr = win_rate([(x.prompt, x.text) for x in after], [(x.prompt, x.text) for x in before], judge)
         steps = [r for r in timeline.records if r["kind"] == "step"]
         if prom is not None:
@@ -505,7 +503,7 @@ def online(s: DemoSettings, run_dir: Path, judge, sft: Path, rm: Path, prompts: 
             "proxy_gain_sd": last["proxy_gain_sd"], "gold_gain_sd": last["gold_gain_sd"], "gap_sd": last["gap_sd"],
             "kl_final": last["kl_nats"], "win_rate": asdict(wr),
             "versions": {"policy": last["policy_version"], "reward": last["reward_version"]},
-            "feedback": accepted, "labels": joined,
+            "feedback": final["feedback"], "labels": final["labels"],
             "steps": {"rollouts": sum(r["step_kind"] == "rollouts" for r in steps),
                       "labels": sum(r["step_kind"] == "labels" for r in steps)},
             "examples": examples(before, after),
@@ -555,12 +553,6 @@ def examples(before: list[Scored], after: list[Scored], n: int = 4) -> list[dict
     return out
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="'smollm2' (default), 'tiny', or an HF model folder")
@@ -606,15 +598,16 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.monotonic()
     deadline = t_start + s.minutes * 60
     names = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "the tiny test model"}
-    summary: dict = {"model": names.get(s.model, s.model), "minutes": s.minutes, "machine": machine(),
+    summary: dict = {"model": names.get(s.model, s.model), "minutes": s.minutes,
+                     "machine": f"{cpu_name()}, {os.cpu_count()} cores",
                      "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                      "settings": asdict(s), "stages": {}, "notes": [], "prometheus": ""}
 
-    def stage(name: str, title: str):
+    def stage(title: str):
         say(f"\n== {title} ({(time.monotonic() - t_start) / 60:.1f} min into the run)")
         return time.monotonic()
 
-    t = stage("gold", "stage 0: the gold judge (the simulated users' hidden taste)")
+    t = stage("stage 0: the gold judge (the simulated users' hidden taste)")
     judge = stage_gold(s)
     summary["stages"]["gold judge"] = {"seconds": round(time.monotonic() - t, 1),
                                        "held_out_accuracy": judge.held_out_accuracy}
@@ -636,17 +629,17 @@ def main(argv: list[str] | None = None) -> None:
         prompts = chitchat_prompts(s)
     summary["prompts"] = {"train": len(prompts.train), "held_out": len(prompts.held_out)}
 
-    t = stage("sft", f"stage 1: SFT of {base} on demonstrations")
+    t = stage(f"stage 1: SFT of {base} on demonstrations")
     sft, info = stage_sft(s, base, prompts, render)
     summary["stages"]["SFT"] = {"seconds": round(time.monotonic() - t, 1), **info}
     say(f"SFT model: {sft} (loss {info['first_loss']} -> {info['last_loss']} on {info['rows']} demonstrations)")
 
-    t = stage("rm", "stage 2: the system's reward model (MiniLM, Bradley-Terry) on a small label set")
+    t = stage("stage 2: the system's reward model (MiniLM, Bradley-Terry) on a small label set")
     rm, info = stage_reward_model(s, render)
     summary["stages"]["reward model"] = {"seconds": round(time.monotonic() - t, 1), **info}
     say(f"reward model: {rm} (held-out accuracy {info['held_out_accuracy']} on {info['held_out_pairs']} pairs)")
 
-    t = stage("online", "stage 3: online RLHF with simulated users")
+    t = stage("stage 3: online RLHF with simulated users")
     online(s, run_dir, judge, sft, rm, prompts, render, deadline, summary)
     summary["seconds_total"] = round(time.monotonic() - t_start, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")

@@ -137,6 +137,14 @@ def series(records: list[dict], *path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([x for x, _ in points], dtype=float), np.array([y for _, y in points], dtype=float)
 
 
+def rows(records: list[dict], *keys: str) -> np.ndarray:
+    """(minutes, record[key] for each key) of the records where every value is a finite number,
+    as an array of shape (n, 1 + len(keys))."""
+    table = [[num(r["t"]) / 60.0] + [num(r.get(k)) for k in keys] for r in records]
+    finite = [row for row in table if all(math.isfinite(v) for v in row)]
+    return np.array(finite, dtype=float).reshape(-1, 1 + len(keys))
+
+
 def reward_model_updates(timeline: Timeline) -> list[tuple[float, int]]:
     """(minute, new version) each time a higher reward-model version first shows in eval or sample records."""
     seen = [(num(r["t"]) / 60.0, num(r.get("reward_version"))) for r in timeline.of("eval") + timeline.of("sample")]
@@ -192,8 +200,7 @@ def plot_gold_proxy(timeline: Timeline, ax: Axes) -> bool:
     xp, proxy = series(evals, "proxy_mean")
     if not len(gold) and not len(proxy):
         return False
-    band = [(num(r["t"]) / 60.0, num(r.get("gold_low")), num(r.get("gold_high"))) for r in evals]
-    band = np.array([b for b in band if math.isfinite(b[1]) and math.isfinite(b[2])]).reshape(-1, 3)
+    band = rows(evals, "gold_low", "gold_high")
     if len(band):
         ax.fill_between(band[:, 0], band[:, 1], band[:, 2], color="tab:blue", alpha=0.2, label="gold 95% interval")
     line(ax, x, gold, "o-", color="tab:blue", label="gold judge (simulated users' taste)")
@@ -312,8 +319,7 @@ def plot_reward(timeline: Timeline, ax: Axes) -> bool:
     xd, margin = series(timeline.steps("labels"), "reward_mean")
     if not len(mean) and not len(margin):
         return False
-    band = [(num(r["t"]) / 60.0, num(r.get("reward_mean")), num(r.get("reward_std"))) for r in rollouts]
-    band = np.array([b for b in band if math.isfinite(b[1]) and math.isfinite(b[2])]).reshape(-1, 3)
+    band = rows(rollouts, "reward_mean", "reward_std")
     if len(band):
         ax.fill_between(band[:, 0], band[:, 1] - band[:, 2], band[:, 1] + band[:, 2], color="tab:green", alpha=0.2,
                         label="± std within the batch")

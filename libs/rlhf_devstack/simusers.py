@@ -419,16 +419,24 @@ def _metadata(api_key: str | None) -> tuple | None:
 RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def generate_request(prompt: str, n: int, max_tokens: int, temperature: float, seed: int | None, chat: bool = True,
+                     logprobs: bool = False) -> policy_pb2.GenerateRequest:
+    """A Generate request for n answers to `prompt`, as a user message when `chat`, else raw text."""
+    sampling = policy_pb2.SamplingParams(temperature=temperature, max_tokens=max_tokens, n=n,
+                                         seed=seed or 0, has_seed=seed is not None, logprobs=logprobs)
+    if chat:
+        return policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="user", content=prompt)],
+                                          sampling=sampling)
+    return policy_pb2.GenerateRequest(prompt=prompt, sampling=sampling)
+
+
 def generate(stub: policy_pb2_grpc.PolicyServiceStub, prompt: str, n: int, max_tokens: int, temperature: float,
              seed: int | None, chat: bool = True, api_key: str | None = None, timeout_s: float = 120.0,
              retries: int = 3) -> tuple[list[Answer], int]:
     """n answers to `prompt` from the policy (as a user message when `chat`, else raw text)
     and the number of retries it took (UNAVAILABLE, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED
     are retried with back-off; other errors, and the last retry's, are raised)."""
-    sampling = policy_pb2.SamplingParams(temperature=temperature, max_tokens=max_tokens, n=n,
-                                         seed=seed or 0, has_seed=seed is not None)
-    req = (policy_pb2.GenerateRequest(messages=[policy_pb2.ChatMessage(role="user", content=prompt)], sampling=sampling)
-           if chat else policy_pb2.GenerateRequest(prompt=prompt, sampling=sampling))
+    req = generate_request(prompt, n, max_tokens, temperature, seed, chat)
     for attempt in range(retries + 1):
         try:
             r = stub.Generate(req, timeout=timeout_s, metadata=_metadata(api_key))
