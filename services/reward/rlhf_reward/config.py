@@ -19,6 +19,9 @@ class RewardConfig(BaseConfig):
     http_port: int = setting(8002, "HTTP_PORT", "REST (FastAPI) port; 0 = no REST server")
     max_length: int = setting(512, "MAX_LENGTH",
                               "Token limit (capped at the model's own); longer inputs are truncated and flagged")
+    packed: bool = setting(True, "PACKED",
+                           "Run BERT-family models on packed tokens: the same scores, no padding computed in the "
+                           "dense layers, one forward pass per batch; false = padded passes of similar length")
     max_batch_items: int = setting(256, "MAX_BATCH_ITEMS", "Most items in one Score request")
     max_batch_size: int = setting(32, "MAX_BATCH_SIZE",
                                   "Dynamic batching: most items in one model forward pass, across requests")

@@ -28,6 +28,7 @@ from rlhf_common.running_stats import RunningStats, StatsSnapshot
 from rlhf_common.weights import MANIFEST
 
 from .metrics import RewardMetrics
+from .packed import PackedBert, supports as packed_supports
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class RewardModel:
     """
 
     def __init__(self, model_dir: str | Path, max_length: int, version: str | None = None,
-                 version_number: int | None = None, sha256: str = ""):
+                 version_number: int | None = None, sha256: str = "", packed: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.model_dir = str(model_dir)
@@ -178,6 +179,9 @@ class RewardModel:
         # Most padding accepted in one forward pass, as a fraction of its real tokens.
         self.max_padding = 0.25
         self.shares_prefixes = _shares_prefixes(self.model)
+        # BERT-family encoders run on packed tokens: no padding in the dense layers, one
+        # pass per batch (see packed.py); other models take padded passes of similar length.
+        self.packed = PackedBert(self.model) if packed and packed_supports(self.model) else None
         # The fast tokenizer is not safe to call from two threads at once; the model is
         # (inference only), so several batches may run their forward passes together.
         self._tok_lock = threading.Lock()
@@ -215,6 +219,12 @@ class RewardModel:
                 for n, group in groups:
                     for i, s in zip(group, self._score_with_prefix([rows[i]["input_ids"] for i in group], n)):
                         scores[i] = s
+            if self.packed is not None and rest:
+                types = ([rows[i]["token_type_ids"] for i in rest] if "token_type_ids" in rows[rest[0]]
+                         else None)
+                for i, s in zip(rest, self.packed([rows[i]["input_ids"] for i in rest], types)):
+                    scores[i] = s
+                rest = []
             lengths = [len(rows[i]["input_ids"]) for i in rest]
             # On CPU the forward pass costs what its padded tokens cost: pairs of similar
             # length are run together so that padding stays small.

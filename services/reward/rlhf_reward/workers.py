@@ -43,7 +43,8 @@ class RewardUpdater:
         try:
             path = fetch(u.uri, u.sha256)  # a local folder; one on object storage is downloaded, checked
             verify(path, u.sha256)
-            model = RewardModel(path, self.cfg.max_length, version_number=u.version, sha256=u.sha256)
+            model = RewardModel(path, self.cfg.max_length, version_number=u.version, sha256=u.sha256,
+                                packed=self.cfg.packed)
         except WeightsCorrupt:
             log.exception("refusing reward update v%d from %s", u.version, u.uri)
             self._count("corrupt")
