@@ -28,7 +28,7 @@ from rlhf_common.running_stats import RunningStats, StatsSnapshot
 from rlhf_common.weights import MANIFEST
 
 from .metrics import RewardMetrics
-from .packed import PackedBert, supports as packed_supports
+from .packed import PackedBert, length_buckets, supports as packed_supports
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +77,6 @@ class ModelInfo:
     max_batch_size: int
     reward: StatsSnapshot
     shadow_model_version: str
-
-
-def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
-    """Indices grouped by length (shortest first) so that each group's padded size is at
-    most (1 + max_padding) times its real token count."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups: list[list[int]] = []
-    group: list[int] = []
-    real = 0
-    for i in order:
-        n = lengths[i]  # the longest so far, since the order is ascending
-        if group and (len(group) + 1) * n > (1 + max_padding) * (real + n):
-            groups.append(group)
-            group, real = [], 0
-        group.append(i)
-        real += n
-    if group:
-        groups.append(group)
-    return groups
 
 
 MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a second pass

@@ -10,8 +10,9 @@ projections and feed-forward layers run once over the real tokens only. Attentio
 needs the items apart: for it each group of items of similar length is padded (the
 attention share of the cost is small at these lengths), and the outputs are gathered back.
 
-The weights are the model's own modules; nothing is copied but the fused query/key/value
-projection of each layer, built once.
+Every step but attention is the model's own module (embeddings, output projections,
+feed-forward, layer norms, pooler, classifier), called on the packed rows; nothing is copied
+but the fused query/key/value projection of each layer, built once.
 """
 
 from __future__ import annotations
@@ -19,17 +20,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
+    """Indices grouped by length (shortest first) so that each group's padded size is at
+    most (1 + max_padding) times its real token count."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]  # the longest so far, since the order is ascending
+        if group and (len(group) + 1) * n > (1 + max_padding) * (real + n):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 def supports(model) -> bool:
-    """A BertForSequenceClassification (absolute positions, an activation known here) in
-    eval mode. Other models keep the padded path."""
+    """A BertForSequenceClassification (absolute positions) in eval mode. Other models keep
+    the padded path."""
     cfg = getattr(model, "config", None)
     return (type(model).__name__ == "BertForSequenceClassification" and cfg is not None
             and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
-            and isinstance(cfg.hidden_act, str) and cfg.hidden_act in ACTIVATIONS
             and not getattr(cfg, "is_decoder", False) and not model.training)
 
 
@@ -40,13 +57,8 @@ class PackedBert:
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a BERT sequence classifier this path runs")
         self.model = model
-        bert = model.bert
-        self.emb = bert.embeddings
-        self.layers = list(bert.encoder.layer)
-        self.pooler = bert.pooler
-        self.act = ACTIVATIONS[model.config.hidden_act]
+        self.layers = list(model.bert.encoder.layer)
         self.heads = model.config.num_attention_heads
-        self.eps = model.config.layer_norm_eps
         # Most padding accepted in one attention call, as a fraction of its real tokens.
         self.attention_padding = attention_padding
         self.qkv = []
@@ -72,19 +84,15 @@ class PackedBert:
         flat_types = (torch.tensor([t for i in order for t in type_ids[i]]) if type_ids is not None
                       else torch.zeros(total, dtype=torch.long))
         pos = torch.arange(total) - torch.repeat_interleave(starts, lens)
-        e = self.emb
-        x = e.word_embeddings(flat_ids) + e.token_type_embeddings(flat_types) + e.position_embeddings(pos)
-        x = e.LayerNorm(x)
+        bert = self.model.bert
+        # One "row" of all the tokens, each item with its own positions and token types.
+        x = bert.embeddings(input_ids=flat_ids[None], token_type_ids=flat_types[None], position_ids=pos[None])[0]
         groups = self._attention_groups([lengths[i] for i in order], starts)
         for layer, (w, b) in zip(self.layers, self.qkv):
-            ctx = self._attention(F.linear(x, w, b), groups, total)
-            a = layer.attention.output
-            x = a.LayerNorm(a.dense(ctx) + x)
-            h = self.act(layer.intermediate.dense(x))
-            o = layer.output
-            x = o.LayerNorm(o.dense(h) + x)
+            x = layer.attention.output(self._attention(F.linear(x, w, b), groups, total), x)
+            x = layer.output(layer.intermediate(x), x)
         first = x[starts]
-        pooled = torch.tanh(self.pooler.dense(first)) if self.pooler is not None else first
+        pooled = bert.pooler(first[:, None]) if bert.pooler is not None else first
         sorted_scores = self.model.classifier(pooled)[:, 0].tolist()
         scores = [0.0] * n
         for k, i in enumerate(order):
@@ -94,8 +102,6 @@ class PackedBert:
     def _attention_groups(self, lengths: list[int], starts: torch.Tensor) -> list[tuple]:
         """Per group of similar length: (index of each padded slot into the packed rows, the
         key mask, the slots that hold real tokens). Padded slots point at an extra zero row."""
-        from .core import length_buckets
-
         total = sum(lengths)
         out = []
         for g in length_buckets(lengths, self.attention_padding):  # ascending, so contiguous
