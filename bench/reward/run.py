@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=1024, help="items measured per side and round")
     p.add_argument("--naive-requests", type=int, default=256, help="requests measured on the naive side")
     p.add_argument("--warmup", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-sizes", default="8,16,32,64,128", help="batch sizes tried for the offline limit")
     p.add_argument("--items-per-request", type=int, default=8, help="items per request on the batched sides")
     p.add_argument("--max-length", type=int, default=128)
@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.smoke:
         args.requests, args.naive_requests, args.warmup, args.rounds, args.batch_sizes = 64, 16, 8, 1, "16,64"
+    # As the service does (its __main__): one tokenizer thread, no pool of the tokenizers
+    # library beside the model threads; the service process inherits it too.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import grpc
     import tokenizers
     import torch

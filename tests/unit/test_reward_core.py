@@ -104,6 +104,29 @@ def test_overload_is_refused_not_queued(tiny):
     assert len(_run(go()).results) == 8
 
 
+def test_a_caller_that_went_away_is_not_scored_and_frees_its_place_in_the_queue(tiny):
+    reg = CollectorRegistry()
+
+    async def go():
+        core = RewardCore(RewardModel(tiny[0], max_length=64), RewardMetrics(reg), max_queue_items=8,
+                          max_wait_s=0.1)
+        await core.start()
+        try:
+            gone = asyncio.create_task(core.score(_items(6, tag="gone-")))
+            await asyncio.sleep(0.02)  # tokenized and queued; the model thread waits for others
+            gone.cancel()
+            await asyncio.sleep(0.2)  # its batch window closed: the model thread dropped it
+            assert reg.get_sample_value("rlhf_reward_queued_items") == 0
+            return await core.score(_items(8))  # all 8 places are free again
+        finally:
+            await core.stop()
+
+    out = _run(go())
+    assert len(out.results) == 8
+    assert reg.get_sample_value("rlhf_reward_scored_items_total") == 8  # the 6 were never scored
+    assert reg.get_sample_value("rlhf_reward_batch_items_sum") == 8
+
+
 def test_swap_changes_version_and_resets_stats(tiny):
     a, b = RewardModel(tiny[0], max_length=64), RewardModel(tiny[1], max_length=64, version_number=3)
 
@@ -353,7 +376,7 @@ def test_stop_answers_batches_already_on_a_model_thread(tiny):
         core = RewardCore(model, None, max_batch_size=4, max_wait_s=0.0, model_workers=2)
         await core.start()
         tasks = [asyncio.create_task(core.score(_items(4, tag=f"s{k}-"))) for k in range(2)]
-        while not core._running and not all(t.done() for t in tasks):
+        while core._busy + sum(t.done() for t in tasks) < 2:  # both batches on a model thread
             await asyncio.sleep(0.001)
         await core.stop()
         return await asyncio.gather(*tasks, return_exceptions=True)

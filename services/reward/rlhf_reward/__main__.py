@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -51,6 +52,10 @@ def builder(cfg: RewardConfig, bus: BusConfig, keys: ApiKeys):
 
 
 def main(argv: list[str] | None = None) -> None:
+    # One tokenizer thread batches the requests that arrive together; the tokenizers
+    # library's own pool would spread each call over the cores the model threads use, and
+    # cost more CPU per item than it saves (unless the operator sets it otherwise).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = RewardConfig.load(sys.argv[1:] if argv is None else argv)
     bus = BusConfig.load()
     keys = ApiKeys(cfg.api_key_list)

@@ -298,6 +298,21 @@ def validate(items: list[ScoreItem], max_batch_items: int, max_item_chars: int |
 
 
 @dataclass
+class _Job:
+    """A request waiting for the tokenizer."""
+
+    items: list[ScoreItem]
+    future: asyncio.Future
+
+
+def _fail(failed: list[tuple[asyncio.Future, Exception]]) -> None:
+    """Event loop: fail the callers whose request could not be queued."""
+    for f, e in failed:
+        if not f.done():
+            f.set_exception(e)
+
+
+@dataclass
 class _Pending:
     items: list[ScoreItem]
     encoded: Encoded
@@ -308,15 +323,18 @@ class _Pending:
 class RewardCore:
     """Dynamic batching over a hot-swappable live model, with an optional shadow model.
 
-    A request is checked (items, characters) before any work, tokenized on a tokenizer
-    thread of its own (so a long text never holds a model thread; requests that arrive while
-    it is busy are tokenized together in one call), and refused when its tokens exceed
-    `max_request_tokens`. Requests then queue on the event loop; when one of the
-    `model_workers` model threads is free, the batching task takes every request that
-    arrives within `max_wait_s` of the oldest one, up to `max_batch_size` items (a request
-    is never split across batches), and scores them on that thread. Each batch reads the
-    live model once, so every response comes from one version. A request whose caller has
-    gone away is dropped before its forward pass.
+    A request is checked (items, characters) on the event loop before any work, then handed
+    to a tokenizer thread of its own (so a long text never holds a model thread; requests
+    that arrive while it is busy are tokenized together in one call), refused there when its
+    tokens exceed `max_request_tokens`, and queued by that thread for the `model_workers`
+    model threads. A model thread that is free takes every request that arrives within
+    `max_wait_s` of the oldest one, up to `max_batch_size` items (a request is never split
+    across batches), scores them and hands the results to the event loop in one callback.
+    So the loop touches a request twice (in and out) and the threads hand work to each
+    other directly: a model thread that finishes a batch starts on the next one at once,
+    without waiting for a turn of the loop, which is busy with transport. Each batch reads
+    the live model once, so every response comes from one version. A request whose caller
+    has gone away is dropped before it is tokenized or before its forward pass.
     """
 
     def __init__(self, model: RewardModel, metrics: RewardMetrics | None = None, *, max_batch_items: int = 256,
@@ -333,24 +351,26 @@ class RewardCore:
         self.max_item_chars = max_item_chars
         self.max_request_tokens = max_request_tokens
         self.stats = RunningStats()
+        # Requests waiting for the tokenizer thread (`_tok_cond`), tokenized requests waiting
+        # for a model thread (`_cond`), and the counts the queue limit and the batch size
+        # read: all guarded by one lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._tok_cond = threading.Condition(self._lock)
+        self._to_encode: deque[_Job] = deque()
         self._queue: deque[_Pending] = deque()
-        self._queued_items = 0
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        # Requests waiting for the tokenizer, and the task that tokenizes them together.
-        self._to_encode: deque[tuple[list[ScoreItem], asyncio.Future]] = deque()
-        self._encoder: asyncio.Task | None = None
+        self._queued_items = 0  # admitted and not yet in a batch (tokenizing included)
+        self._ready_items = 0  # in `_queue`
+        self._busy = 0  # batches taken by a model thread and not yet answered
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Model threads: each scores its own batch with `torch_threads` intra-op threads (if
         # given). On a CPU, two threads of one torch thread each keep both cores busy without
         # the barrier waits of one two-thread forward pass, which stall whenever another
         # thread (gRPC, the tokenizer, a client) takes one of the cores.
         self.model_workers = model_workers
-        self._executor = ThreadPoolExecutor(model_workers, thread_name_prefix="reward-model",
-                                            initializer=None if torch_threads is None else torch.set_num_threads,
-                                            initargs=() if torch_threads is None else (torch_threads,))
-        self._free: asyncio.Semaphore | None = None
-        self._running: set[asyncio.Task] = set()
-        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="reward-tokenizer")
+        self._torch_threads = torch_threads
+        self._threads: list[threading.Thread] = []
         self._shadow_executor = ThreadPoolExecutor(1, thread_name_prefix="reward-shadow")
         self._shadow_backlog = 0
         self._shadow_lock = threading.Lock()
@@ -360,36 +380,32 @@ class RewardCore:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._free = asyncio.Semaphore(self.model_workers)
-        self._task = asyncio.create_task(self._batch_loop(), name="reward-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._model_thread, name=f"reward-model_{k}", daemon=True)
+                         for k in range(self.model_workers)]
+        self._threads.append(threading.Thread(target=self._tokenizer_thread, name="reward-tokenizer", daemon=True))
+        for t in self._threads:
+            t.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        if self._encoder is not None:
-            self._encoder.cancel()
-            try:
-                await self._encoder
-            except asyncio.CancelledError:
-                pass
-        if self._running:  # batches already on a model thread answer their callers
-            await asyncio.gather(*self._running, return_exceptions=True)
-        while self._to_encode:
-            _, f = self._to_encode.popleft()
+        with self._lock:
+            self._stopping = True
+            self._cond.notify_all()
+            self._tok_cond.notify_all()
+        if self._threads:
+            # Batches already on a model thread finish; their answers are queued on this loop
+            # before the threads end, so they reach their callers before stop() returns.
+            threads, self._threads = self._threads, []
+            await asyncio.to_thread(lambda: [t.join() for t in threads])
+            await asyncio.sleep(0)
+        with self._lock:
+            left = [j.future for j in self._to_encode] + [p.future for p in self._queue]
+            self._to_encode, self._queue = deque(), deque()
+            self._queued_items = self._ready_items = 0
+        for f in left:
             if not f.done():
                 f.set_exception(NotReady("reward service is stopping"))
-        while self._queue:
-            p = self._queue.popleft()
-            if not p.future.done():
-                p.future.set_exception(NotReady("reward service is stopping"))
-        self._executor.shutdown(wait=True)
-        self._tokenizer.shutdown(wait=False, cancel_futures=True)
         self._shadow_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the API the servicers use ----------------------------------------------------
@@ -403,28 +419,19 @@ class RewardCore:
 
     async def score(self, items: list[ScoreItem]) -> ScoreOutput:
         self.validate(items)
-        if self._task is None:
+        if not self._threads or self._stopping:
             raise NotReady("reward scorer is not running")
-        if self._queued_items + len(items) > self.max_queue_items:
-            raise Overloaded(f"{self._queued_items} items already queued (limit {self.max_queue_items}); "
-                             "retry later")
-        # Admitted items count against the queue from here (tokenizing included).
-        self._queued_items += len(items)
+        fut = self._loop.create_future()
+        with self._lock:
+            if self._queued_items + len(items) > self.max_queue_items:
+                raise Overloaded(f"{self._queued_items} items already queued (limit {self.max_queue_items}); "
+                                 "retry later")
+            # Admitted items count against the queue from here (tokenizing included) until a
+            # thread takes them or drops them (a caller that went away, a failure).
+            self._queued_items += len(items)
+            self._to_encode.append(_Job(list(items), fut))
+            self._tok_cond.notify()
         self._set_queued_gauge()
-        loop = asyncio.get_running_loop()
-        try:
-            encoded = await self._encode(list(items))
-            if encoded.tokens > self.max_request_tokens:
-                raise InvalidInput(f"items: {encoded.tokens} tokens (after truncation to {encoded.model.max_length} "
-                                   f"per item) exceed the limit of {self.max_request_tokens} per request")
-        except BaseException:
-            self._queued_items -= len(items)
-            self._set_queued_gauge()
-            raise
-        fut = loop.create_future()
-        self._queue.append(_Pending(list(items), encoded, fut, time.perf_counter()))
-        self._set_queued_gauge()
-        self._wake.set()
         return await fut
 
     async def compare(self, prompt: str, response_a: str, response_b: str) -> Comparison:
@@ -455,49 +462,60 @@ class RewardCore:
 
     # -- tokenizing -------------------------------------------------------------------
 
-    async def _encode(self, items: list[ScoreItem]) -> Encoded:
-        """Tokenize on the tokenizer thread. Requests that arrive while it is busy are
-        tokenized together in its next call: one fast-tokenizer call for many requests
-        costs far less than a call (and a thread handoff) per request."""
-        fut = asyncio.get_running_loop().create_future()
-        self._to_encode.append((items, fut))
-        if self._encoder is None:
-            self._encoder = asyncio.create_task(self._encode_loop(), name="reward-tokenizer")
-        return await fut
-
-    async def _encode_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._to_encode:
-                jobs: list[tuple[list[ScoreItem], asyncio.Future]] = []
+    def _tokenizer_thread(self) -> None:
+        """Tokenize queued requests and queue them for the model threads. Requests that
+        arrive while it is busy are tokenized together in its next call: one fast-tokenizer
+        call for many requests costs far less than a call per request."""
+        while True:
+            with self._lock:
+                while not self._to_encode and not self._stopping:
+                    self._tok_cond.wait()
+                if self._stopping:
+                    return
+                jobs: list[_Job] = []
                 n = 0
-                while self._to_encode and (not jobs or n + len(self._to_encode[0][0]) <= self.max_batch_items):
-                    items, f = self._to_encode.popleft()
-                    if not f.done():  # the caller went away
-                        jobs.append((items, f))
-                        n += len(items)
-                if not jobs:
-                    continue
-                model = self._live
-                try:
-                    parts = await loop.run_in_executor(self._tokenizer, _encode_many, model, [i for i, _ in jobs])
-                except Exception:
-                    # One request's text must not fail the others: tokenize them one by one.
-                    parts = []
-                    for items, _ in jobs:
-                        try:
-                            parts.append(await loop.run_in_executor(self._tokenizer, model.encode, items))
-                        except Exception as e:
-                            parts.append(e)
-                for (_, f), part in zip(jobs, parts):
-                    if f.done():
+                while self._to_encode and (not jobs or n + len(self._to_encode[0].items) <= self.max_batch_items):
+                    job = self._to_encode.popleft()
+                    if job.future.done():  # the caller went away
+                        self._queued_items -= len(job.items)
                         continue
-                    if isinstance(part, Exception):
-                        f.set_exception(part)
-                    else:
-                        f.set_result(part)
-        finally:
-            self._encoder = None
+                    jobs.append(job)
+                    n += len(job.items)
+            if jobs:
+                self._queue_encoded(jobs, self._encode_jobs(self._live, jobs))
+
+    def _encode_jobs(self, model: RewardModel, jobs: list[_Job]) -> list[Encoded | Exception]:
+        try:
+            return _encode_many(model, [j.items for j in jobs])
+        except Exception:
+            # One request's text must not fail the others: tokenize them one by one.
+            parts: list[Encoded | Exception] = []
+            for j in jobs:
+                try:
+                    parts.append(model.encode(j.items))
+                except Exception as e:
+                    parts.append(e)
+            return parts
+
+    def _queue_encoded(self, jobs: list[_Job], parts: list[Encoded | Exception]) -> None:
+        """Tokenizer thread: queue each tokenized request for the model threads, or fail it."""
+        now = time.perf_counter()
+        failed: list[tuple[asyncio.Future, Exception]] = []
+        with self._lock:
+            for job, part in zip(jobs, parts):
+                if not isinstance(part, Exception) and part.tokens > self.max_request_tokens:
+                    part = InvalidInput(f"items: {part.tokens} tokens (after truncation to {part.model.max_length} "
+                                        f"per item) exceed the limit of {self.max_request_tokens} per request")
+                if isinstance(part, Exception):
+                    self._queued_items -= len(job.items)
+                    failed.append((job.future, part))
+                    continue
+                self._queue.append(_Pending(job.items, part, job.future, now))
+                self._ready_items += len(job.items)
+            self._cond.notify()
+        if failed:
+            self._set_queued_gauge()
+            self._loop.call_soon_threadsafe(_fail, failed)
 
     # -- batching ---------------------------------------------------------------------
 
@@ -505,68 +523,63 @@ class RewardCore:
         if self.metrics is not None:
             self.metrics.queued_items.set(self._queued_items)
 
-    async def _batch_loop(self) -> None:
-        while True:
-            # A batch is formed only when a model thread is free to take it, so requests that
-            # arrive meanwhile join it instead of waiting behind a small one.
-            await self._free.acquire()
-            try:
-                batch = await self._next_batch()
-            except BaseException:
-                self._free.release()
-                raise
-            task = asyncio.create_task(self._run_batch(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _next_batch(self) -> list[_Pending]:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._queue:
-                continue
-            # Let others join until the batch is full or the oldest request has waited max_wait.
-            deadline = self._queue[0].enqueued + self.max_wait_s
-            while self._queued_items < self.max_batch_size:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), left)
-                except asyncio.TimeoutError:
-                    break
-                self._wake.clear()
-            batch: list[_Pending] = []
-            n = 0
-            while self._queue and (not batch or n + len(self._queue[0].items) <= self.max_batch_size):
-                p = self._queue.popleft()
-                self._queued_items -= len(p.items)
-                if p.future.done():  # the caller went away
-                    continue
-                batch.append(p)
-                n += len(p.items)
-            self._set_queued_gauge()
-            if self._queue:
-                self._wake.set()
-            if batch:
-                return batch
-
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        """Score one batch on a model thread and answer its callers (releases the thread's slot)."""
-        try:
+    def _model_thread(self) -> None:
+        """One model thread: take a batch, score it, hand the results to the event loop, and
+        go on with the next batch at once; end when the core stops."""
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+        while (batch := self._take_batch()) is not None:
             model = self._live
             t0 = time.perf_counter()
             try:
-                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_batch,
-                                                                           model, batch)
+                results, error = self._score_batch(model, batch), None
             except Exception as e:  # reported to every caller of the batch, then go on
                 log.exception("scoring a batch of %d items failed", sum(len(p.items) for p in batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                return
-        finally:
-            self._free.release()
+                results, error = None, e
+            self._loop.call_soon_threadsafe(self._answer, model, batch, results, error, t0,
+                                            time.perf_counter() - t0)
+
+    def _take_batch(self) -> list[_Pending] | None:
+        """Model thread: wait for requests, then let others join until the batch is full or
+        the oldest request has waited `max_wait_s`; None once the core stops."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                left = self._queue[0].enqueued + self.max_wait_s - time.perf_counter()
+                if self._ready_items < self.max_batch_size and left > 0:
+                    self._cond.wait(left)
+                    continue
+                batch: list[_Pending] = []
+                n = 0
+                while self._queue and (not batch or n + len(self._queue[0].items) <= self.max_batch_size):
+                    p = self._queue.popleft()
+                    self._queued_items -= len(p.items)
+                    self._ready_items -= len(p.items)
+                    if p.future.done():  # the caller went away
+                        continue
+                    batch.append(p)
+                    n += len(p.items)
+                self._set_queued_gauge()
+                if self._queue:
+                    self._cond.notify()  # the rest is for another free thread
+                if batch:
+                    self._busy += 1
+                    return batch
+
+    def _answer(self, model: RewardModel, batch: list[_Pending], results: list[ScoreResult] | None,
+                error: Exception | None, t0: float, seconds: float) -> None:
+        """Event loop: answer the callers of one scored batch."""
+        with self._cond:
+            self._busy -= 1
+        if error is not None:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
         served: list[tuple[_Pending, list[ScoreResult]]] = []
         i = 0
         for p in batch:
@@ -578,7 +591,7 @@ class RewardCore:
         if not served:
             return
         done = [r for _, part in served for r in part]
-        self._observe(model, [p for p, _ in served], done, t0)
+        self._observe(model, [p for p, _ in served], done, t0, seconds)
         if self.shadow is not None:
             self._submit_shadow([it for p, _ in served for it in p.items], [r.score for r in done])
 
@@ -607,7 +620,8 @@ class RewardCore:
             out.extend(model.score(items[i:i + self.max_batch_size]))
         return out
 
-    def _observe(self, model: RewardModel, batch: list[_Pending], results: list[ScoreResult], t0: float) -> None:
+    def _observe(self, model: RewardModel, batch: list[_Pending], results: list[ScoreResult], t0: float,
+                 seconds: float) -> None:
         if model is self._live:
             self.stats.update(r.score for r in results)
             self._export_stats()
@@ -615,7 +629,7 @@ class RewardCore:
         if m is None:
             return
         m.batch_size.observe(len(results))
-        m.batch_seconds.observe(time.perf_counter() - t0)
+        m.batch_seconds.observe(seconds)
         for p in batch:
             m.queue_wait.observe(t0 - p.enqueued)
         m.items.inc(len(results))
