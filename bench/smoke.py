@@ -104,6 +104,9 @@ def check_reward(out: Path) -> None:
     for side in ("grpc", "rest", "core", "core_padded"):
         _finite_positive(r["summary"][side]["items_per_s"], f"reward: {side} items/s")
         _finite_positive(r["summary"][side]["p99_ms"], f"reward: {side} p99 ms")
+    for side in ("grpc", "rest"):  # the service reports where its CPU went
+        _finite_positive(r["summary"][side]["model_cores"], f"reward: {side} model-thread cores")
+        _finite_positive(r["summary"][side]["tokenizer_cores"], f"reward: {side} tokenizer cores")
     _png(out / "reward" / "results.png")
 
 

@@ -87,6 +87,21 @@ def summary(lat: list[float], wall: float, items: int, cpu: dict | None = None) 
     return {**out, **(cpu or {})}
 
 
+def service_cpu(port: int) -> dict:
+    """CPU seconds the reward service's model threads and tokenizer thread have used so
+    far, from its /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for key, name in (("model_cpu_s", "rlhf_reward_model_cpu_seconds_total"),
+                      ("tokenizer_cpu_s", "rlhf_reward_tokenizer_cpu_seconds_total")):
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else 0.0
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -147,15 +162,15 @@ class Offline:
         ex = ThreadPoolExecutor(streams, initializer=torch.set_num_threads,
                                 initargs=(max(1, self.args.threads // streams),))
         list(ex.map(lambda _: torch.get_num_threads(), range(streams)))  # threads started, not timed
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         list(ex.map(fwd, [rows[i:i + batch] for i in range(0, len(rows), batch)]))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         ex.shutdown()
         padded = sum(len(rows[min(i + batch, len(rows)) - 1]["input_ids"]) * len(rows[i:i + batch])
                      for i in range(0, len(rows), batch))
         real = sum(len(r["input_ids"]) for r in rows)
         return {"batch": batch, "streams": streams, "forward": forward, "items": len(rows), "seconds": wall,
-                "items_per_s": len(rows) / wall, "padding": 0.0 if forward == "packed" else padded / real - 1}
+                "cpu_s": cpu, "items_per_s": len(rows) / wall, "padding": 0.0 if forward == "packed" else padded / real - 1}
 
     def naive(self, items, warm, concurrency: int) -> dict:
         import torch
@@ -245,9 +260,10 @@ class Service:
     def measure(self, transport: str, requests: list[list[tuple[str, str]]], concurrency: int) -> dict:
         async def go():
             async with self._client(transport) as call:
-                c0, s0 = time.process_time(), cpu_seconds(self.proc.pid)
+                c0, s0, m0 = time.process_time(), cpu_seconds(self.proc.pid), service_cpu(self.cfg.http_port)
                 lat, wall = await closed_loop(call, requests, concurrency)
                 cpu = {"client_cpu_s": time.process_time() - c0, "server_cpu_s": cpu_seconds(self.proc.pid) - s0}
+                cpu.update({k: v - m0[k] for k, v in service_cpu(self.cfg.http_port).items()})
                 return summary(lat, wall, sum(len(r) for r in requests), cpu)
 
         return asyncio.run(go())
@@ -334,8 +350,22 @@ def aggregate(res: dict) -> dict:
             a["client_cpu_ms_per_request"] = med([1000 * x["client_cpu_s"] / x["requests"] for x in rs])
             a["ratio_to_limit_client_accounted"] = med(
                 [q * ncpu / (ncpu - x["client_cpu_s"] / x["seconds"]) for q, x in zip(ratios, rs)])
+            # Where the service's cores went: forward passes, tokenizing, and the rest
+            # (event loop: transport, parsing, answers; gRPC's and HTTP's own threads).
+            a["model_cores"] = med([x["model_cpu_s"] / x["seconds"] for x in rs])
+            a["tokenizer_cores"] = med([x["tokenizer_cpu_s"] / x["seconds"] for x in rs])
+            a["other_server_cores"] = med([(x["server_cpu_s"] - x["model_cpu_s"] - x["tokenizer_cpu_s"])
+                                           / x["seconds"] for x in rs])
+            a["idle_cores"] = med([ncpu - (x["server_cpu_s"] + x["client_cpu_s"]) / x["seconds"] for x in rs])
+            # Forward-pass CPU per item, against the limit's (all its CPU) in the same round.
+            a["model_cpu_ms_per_item"] = med([1000 * x["model_cpu_s"] / x["items"] for x in rs])
+            a["model_cpu_per_item_over_limit"] = med(
+                [(x["model_cpu_s"] / x["items"]) / (r["limit"]["cpu_s"] / r["limit"]["items"])
+                 for x, r in zip(rs, rounds)])
         out[side] = a
     out["grpc_over_naive"] = out["grpc"]["items_per_s"] / res["naive"]["items_per_s"]
+    out["limit_cores"] = med([r["limit"]["cpu_s"] / r["limit"]["seconds"] for r in rounds])
+    out["limit_cpu_ms_per_item"] = med([1000 * r["limit"]["cpu_s"] / r["limit"]["items"] for r in rounds])
     return out
 
 
@@ -433,6 +463,22 @@ def write_results(res: dict, out_md: Path) -> None:
         f"{g['client_cpu_ms_per_request']:.2f} ms of CPU per request ({g['client_cores']:.2f} cores); counting "
         f"the service against the cores the client left it, gRPC reaches "
         f"{g['ratio_to_limit_client_accounted']:.2f}.",
+        "",
+        "## Where the cores went",
+        "",
+        f"CPU seconds over each side's wall time (medians over the rounds), on {res['machine']['logical_cpus']} cores. Model threads and "
+        "the tokenizer thread count their own CPU (`rlhf_reward_model_cpu_seconds_total`, "
+        "`rlhf_reward_tokenizer_cpu_seconds_total`); the rest of the service is its event loop (transport, "
+        "parsing, answers) and gRPC's own threads. The limit's forward passes used "
+        f"{agg['limit_cores']:.2f} cores, {agg['limit_cpu_ms_per_item']:.1f} ms of CPU per item.",
+        "",
+        "| side | model threads | tokenizer | rest of the service | client | idle | forward-pass CPU per item, "
+        "ms | the same over the limit's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {title.format(k=k)} | {agg[side]['model_cores']:.2f} | {agg[side]['tokenizer_cores']:.2f} | "
+          f"{agg[side]['other_server_cores']:.2f} | {agg[side]['client_cores']:.2f} | {agg[side]['idle_cores']:.2f} | "
+          f"{agg[side]['model_cpu_ms_per_item']:.1f} | {agg[side]['model_cpu_per_item_over_limit']:.2f} |"
+          for side, title in SIDES.items() if "model_cores" in agg[side]],
         "",
         "Items/s and latencies are medians over the rounds; a ratio is taken within a round (the limit "
         "measured minutes apart would see other load) and its median reported. Client cores: the client "

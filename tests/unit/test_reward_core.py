@@ -56,6 +56,9 @@ def test_concurrent_requests_share_batches_and_match_unbatched_scores(tiny):
         assert [r.score for r in out.results] == pytest.approx([r.score for r in alone], abs=1e-5)
     assert reg.get_sample_value("rlhf_reward_scored_items_total") == 16
     assert reg.get_sample_value("rlhf_reward_score_samples") == 16
+    # Where the CPU went: forward passes on the model thread, tokenizing on its own thread.
+    assert reg.get_sample_value("rlhf_reward_model_cpu_seconds_total") > 0
+    assert reg.get_sample_value("rlhf_reward_tokenizer_cpu_seconds_total") > 0
 
 
 def test_a_request_larger_than_a_batch_is_scored_in_chunks(tiny):

@@ -482,7 +482,11 @@ class RewardCore:
                     jobs.append(job)
                     n += len(job.items)
             if jobs:
-                self._queue_encoded(jobs, self._encode_jobs(self._live, jobs))
+                c0 = time.thread_time()
+                parts = self._encode_jobs(self._live, jobs)
+                if self.metrics is not None:
+                    self.metrics.tokenizer_cpu.inc(time.thread_time() - c0)
+                self._queue_encoded(jobs, parts)
 
     def _encode_jobs(self, model: RewardModel, jobs: list[_Job]) -> list[Encoded | Exception]:
         try:
@@ -530,12 +534,14 @@ class RewardCore:
             torch.set_num_threads(self._torch_threads)
         while (batch := self._take_batch()) is not None:
             model = self._live
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 results, error = self._score_batch(model, batch), None
             except Exception as e:  # reported to every caller of the batch, then go on
                 log.exception("scoring a batch of %d items failed", sum(len(p.items) for p in batch))
                 results, error = None, e
+            if self.metrics is not None:
+                self.metrics.model_cpu.inc(time.thread_time() - c0)
             self._loop.call_soon_threadsafe(self._answer, model, batch, results, error, t0,
                                             time.perf_counter() - t0)
 

@@ -25,6 +25,11 @@ class RewardMetrics(RpcMetrics, HttpMetrics):
                                        buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_wait = Histogram("rlhf_reward_queue_wait_seconds", "Seconds a request waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=registry)
+        self.model_cpu = Counter("rlhf_reward_model_cpu_seconds_total",
+                                 "CPU seconds the model threads spent scoring batches (forward passes)",
+                                 registry=registry)
+        self.tokenizer_cpu = Counter("rlhf_reward_tokenizer_cpu_seconds_total",
+                                     "CPU seconds the tokenizer thread spent tokenizing requests", registry=registry)
         self.queued_items = Gauge("rlhf_reward_queued_items", "Items waiting to be scored", registry=registry)
         self.swaps = Counter("rlhf_reward_model_swaps_total", "Reward-model updates by outcome",
                              ["outcome"], registry=registry)
