@@ -90,16 +90,11 @@ def summary(lat: list[float], wall: float, items: int, cpu: dict | None = None) 
 def service_cpu(port: int) -> dict:
     """CPU seconds the reward service's model threads and tokenizer thread have used so
     far, from its /metrics."""
-    import re
-    import urllib.request
+    from rlhf_devstack.ctl import scrape
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for key, name in (("model_cpu_s", "rlhf_reward_model_cpu_seconds_total"),
-                      ("tokenizer_cpu_s", "rlhf_reward_tokenizer_cpu_seconds_total")):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        out[key] = float(m.group(1)) if m else 0.0
-    return out
+    m = scrape(f"127.0.0.1:{port}", 10)
+    return {"model_cpu_s": m["rlhf_reward_model_cpu_seconds_total"],
+            "tokenizer_cpu_s": m["rlhf_reward_tokenizer_cpu_seconds_total"]}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -170,7 +165,8 @@ class Offline:
                      for i in range(0, len(rows), batch))
         real = sum(len(r["input_ids"]) for r in rows)
         return {"batch": batch, "streams": streams, "forward": forward, "items": len(rows), "seconds": wall,
-                "cpu_s": cpu, "items_per_s": len(rows) / wall, "padding": 0.0 if forward == "packed" else padded / real - 1}
+                "cpu_s": cpu, "items_per_s": len(rows) / wall,
+                "padding": 0.0 if forward == "packed" else padded / real - 1}
 
     def naive(self, items, warm, concurrency: int) -> dict:
         import torch
@@ -466,8 +462,8 @@ def write_results(res: dict, out_md: Path) -> None:
         "",
         "## Where the cores went",
         "",
-        f"CPU seconds over each side's wall time (medians over the rounds), on {res['machine']['logical_cpus']} cores. Model threads and "
-        "the tokenizer thread count their own CPU (`rlhf_reward_model_cpu_seconds_total`, "
+        f"CPU seconds over each side's wall time (medians over the rounds), on {res['machine']['logical_cpus']} "
+        "cores. Model threads and the tokenizer thread count their own CPU (`rlhf_reward_model_cpu_seconds_total`, "
         "`rlhf_reward_tokenizer_cpu_seconds_total`); the rest of the service is its event loop (transport, "
         "parsing, answers) and gRPC's own threads. The limit's forward passes used "
         f"{agg['limit_cores']:.2f} cores, {agg['limit_cpu_ms_per_item']:.1f} ms of CPU per item.",

@@ -548,7 +548,7 @@ class RewardCore:
     def _take_batch(self) -> list[_Pending] | None:
         """Model thread: wait for requests, then let others join until the batch is full or
         the oldest request has waited `max_wait_s`; None once the core stops."""
-        with self._cond:
+        with self._lock:
             while True:
                 if self._stopping:
                     return None
@@ -579,7 +579,7 @@ class RewardCore:
     def _answer(self, model: RewardModel, batch: list[_Pending], results: list[ScoreResult] | None,
                 error: Exception | None, t0: float, seconds: float) -> None:
         """Event loop: answer the callers of one scored batch."""
-        with self._cond:
+        with self._lock:
             self._busy -= 1
         if error is not None:
             for p in batch:

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def length_buckets(lengths: list[int], max_padding: float) -> list[list[int]]:
     """Indices grouped by length (shortest first) so that each group's padded size is at
     most (1 + max_padding) times its real token count."""
